@@ -1,0 +1,81 @@
+"""Errors that reach a client, each with its IMDS-style status, code and description.
+
+Every error a token request can end with is one of these; the HTTP layer renders them as
+``{"error": ..., "error_description": ...}`` and never adds upstream URLs or secrets.
+"""
+
+from __future__ import annotations
+
+
+class NmiError(Exception):
+    """An error with a fixed HTTP mapping."""
+
+    status: int = 500
+    error: str = "internal_error"
+
+    def __init__(self, description: str, *, retry_after: float | None = None) -> None:
+        super().__init__(description)
+        self.description = description
+        self.retry_after = retry_after
+
+
+class BadRequest(NmiError):
+    status = 400
+    error = "invalid_request"
+
+
+class Forbidden(NmiError):
+    """The caller may not have what it asked for (e.g. a blocked path)."""
+
+    status = 403
+    error = "forbidden"
+
+
+class IdentityNotFound(NmiError):
+    """No identity the caller may use matches the request (nmi-spec §2.5: 404)."""
+
+    status = 404
+    error = "invalid_request"
+
+
+class PodNotFound(NmiError):
+    """The caller's address belongs to no known pod on this node."""
+
+    status = 404
+    error = "invalid_request"
+
+
+class AmbiguousPod(NmiError):
+    """Several live pods claim the caller's address: refuse rather than guess."""
+
+    status = 500
+    error = "ambiguous_caller"
+
+
+class UpstreamRefused(NmiError):
+    """IMDS or Azure AD answered and refused (nmi-spec §3.5: 403)."""
+
+    status = 403
+
+    def __init__(
+        self,
+        error: str,
+        description: str,
+        *,
+        upstream_status: int,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(description, retry_after=retry_after)
+        self.error = error
+        self.upstream_status = upstream_status
+
+
+class UpstreamUnavailable(NmiError):
+    """IMDS or Azure AD could not be reached in time, or kept failing (503)."""
+
+    status = 503
+    error = "service_unavailable"
+
+
+class ConfigError(Exception):
+    """Invalid configuration or input file: reported clearly, never half-applied."""

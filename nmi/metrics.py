@@ -1,0 +1,121 @@
+"""Prometheus metrics: aad-pod-identity's names (nmi-spec §6) with bounded labels, plus our own.
+
+One ``Metrics`` object per process, built on an injected registry so tests use a fresh one.
+Label values are drawn from small fixed sets (route names, status codes, operation names);
+raw paths, resources and client IDs never become labels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+PREFIX = "aadpodidentity_"
+NMI_BUCKETS = (0.5, 1, 2, 3, 4, 5, 10, 15, 20, 25, 30, 40, 50, 60, 70, 80, 90, 100)
+IMDS_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1, 2, 3, 4, 5, 10)
+REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+# Operation names of the original, kept so dashboards keep working.
+OP_MSI = "adal_token_msi"
+OP_MSI_USER_ASSIGNED = "adal_token_msi_userassignedid"
+OP_AAD = "adal_token"
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.nmi_operations = Histogram(
+            PREFIX + "nmi_operations_duration_seconds",
+            "Duration of NMI token operations",
+            ["operation_type", "status_code", "namespace", "resource"],
+            buckets=NMI_BUCKETS,
+            registry=registry,
+        )
+        self.imds_operations = Histogram(
+            PREFIX + "imds_operations_duration_seconds",
+            "Duration of successful upstream token fetches",
+            ["operation_type"],
+            buckets=IMDS_BUCKETS,
+            registry=registry,
+        )
+        self.imds_errors = Counter(
+            PREFIX + "imds_operations_errors_count",
+            "Failed upstream token fetches",
+            ["operation_type"],
+            registry=registry,
+        )
+        self.kube_errors = Counter(
+            PREFIX + "kubernetes_api_operations_errors_count",
+            "Failed Kubernetes lookups",
+            ["operation_type"],
+            registry=registry,
+        )
+        self.requests = Histogram(
+            "nmi_http_request_duration_seconds",
+            "Time from a complete request to its response, by route and status",
+            ["route", "status_code"],
+            buckets=REQUEST_BUCKETS,
+            registry=registry,
+        )
+        self.token_cache = Counter(
+            "nmi_token_cache_requests",
+            "Token cache lookups by result (hit, miss, stale)",
+            ["result"],
+            registry=registry,
+        )
+        self.token_refreshes = Counter(
+            "nmi_token_refreshes",
+            "Background token refreshes by outcome",
+            ["outcome"],
+            registry=registry,
+        )
+        self.upstream_in_flight = Gauge(
+            "nmi_upstream_in_flight",
+            "Upstream token requests in flight",
+            registry=registry,
+        )
+        self.upstream_retries = Counter(
+            "nmi_upstream_retries",
+            "Upstream attempts that were retried, by reason",
+            ["reason"],
+            registry=registry,
+        )
+        self.decisions = Counter(
+            "nmi_identity_decisions",
+            "Identity decisions by outcome",
+            ["outcome"],
+            registry=registry,
+        )
+        self.ambiguous_callers = Counter(
+            "nmi_ambiguous_caller_ip",
+            "Requests refused because several live pods claimed the caller address",
+            registry=registry,
+        )
+        self.waits = Histogram(
+            "nmi_wait_duration_seconds",
+            "Time requests waited for the pod cache or an identity assignment",
+            ["reason", "outcome"],
+            buckets=REQUEST_BUCKETS,
+            registry=registry,
+        )
+        self.iptables_repairs = Counter(
+            "nmi_iptables_repairs",
+            "Times the iptables rules were found drifted and restored",
+            registry=registry,
+        )
+        self.iptables_errors = Counter(
+            "nmi_iptables_errors",
+            "Failed iptables operations",
+            registry=registry,
+        )
+        self.proxy_requests = Counter(
+            "nmi_proxy_requests",
+            "Requests proxied to IMDS by outcome",
+            ["outcome"],
+            registry=registry,
+        )
+
+    def gauge_fn(self, name: str, doc: str, fn: Callable[[], float]) -> None:
+        """A gauge computed at scrape time (cache sizes), so the hot path pays nothing."""
+        Gauge(name, doc, registry=self.registry).set_function(fn)

@@ -1,0 +1,370 @@
+"""Plain typed views of the Kubernetes objects NMI reads, parsed from their API shape.
+
+Everything past this module sees these frozen objects, never raw dicts or client models. Parsing
+is strict about what the code relies on and says which object and field is wrong.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+from nmi.errors import ConfigError
+
+GROUP_VERSION = "aadpodidentity.k8s.io/v1"
+BINDING_LABEL = "aadpodidbinding"
+BEHAVIOR_ANNOTATION = "aadpodidentity.k8s.io/Behavior"
+ASSIGNED = "Assigned"
+CREATED = "Created"
+UNASSIGNED = "Unassigned"
+LIVE_PHASES = frozenset({"Pending", "Running"})
+
+
+class IdentityType(IntEnum):
+    USER_ASSIGNED_MSI = 0
+    SERVICE_PRINCIPAL = 1
+    SERVICE_PRINCIPAL_CERTIFICATE = 2
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectKey:
+    namespace: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class Pod:
+    namespace: str
+    name: str
+    uid: str
+    ip: str
+    phase: str
+    labels: Mapping[str, str]
+    node_name: str
+    deleting: bool = False
+    host_network: bool = False
+    resource_version: str = ""
+
+    @property
+    def key(self) -> ObjectKey:
+        return ObjectKey(self.namespace, self.name)
+
+    @property
+    def live(self) -> bool:
+        """Only these may own a caller address (nmi-spec §3.1), and not while being deleted."""
+        return self.phase in LIVE_PHASES and not self.deleting and bool(self.ip)
+
+
+@dataclass(frozen=True, slots=True)
+class SecretRef:
+    namespace: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class AzureIdentity:
+    namespace: str
+    name: str
+    type: IdentityType
+    client_id: str
+    resource_id: str = ""
+    tenant_id: str = ""
+    auxiliary_tenant_ids: tuple[str, ...] = ()
+    ad_endpoint: str = ""
+    client_password: SecretRef | None = None
+    namespaced: bool = False
+    """The ``aadpodidentity.k8s.io/Behavior: namespaced`` annotation."""
+    resource_version: str = ""
+
+    @property
+    def key(self) -> ObjectKey:
+        return ObjectKey(self.namespace, self.name)
+
+    @property
+    def client_id_folded(self) -> str:
+        return self.client_id.casefold()
+
+    @property
+    def resource_id_folded(self) -> str:
+        return self.resource_id.casefold()
+
+
+@dataclass(frozen=True, slots=True)
+class AzureIdentityBinding:
+    namespace: str
+    name: str
+    identity_name: str
+    selector: str
+    resource_version: str = ""
+
+    @property
+    def key(self) -> ObjectKey:
+        return ObjectKey(self.namespace, self.name)
+
+
+@dataclass(frozen=True, slots=True)
+class AzureAssignedIdentity:
+    namespace: str
+    name: str
+    pod_namespace: str
+    pod_name: str
+    identity: AzureIdentity
+    """The copy MIC embedded; the live AzureIdentity wins when NMI has it."""
+    state: str
+    node_name: str = ""
+    binding_name: str = ""
+    resource_version: str = ""
+
+    @property
+    def key(self) -> ObjectKey:
+        return ObjectKey(self.namespace, self.name)
+
+    @property
+    def pod_key(self) -> ObjectKey:
+        return ObjectKey(self.pod_namespace, self.pod_name)
+
+
+@dataclass(frozen=True, slots=True)
+class AzurePodIdentityException:
+    namespace: str
+    name: str
+    pod_labels: Mapping[str, str]
+    resource_version: str = ""
+
+    @property
+    def key(self) -> ObjectKey:
+        return ObjectKey(self.namespace, self.name)
+
+
+@dataclass(frozen=True, slots=True)
+class Secret:
+    namespace: str
+    name: str
+    data: Mapping[str, bytes]
+    resource_version: str = ""
+
+    @property
+    def key(self) -> ObjectKey:
+        return ObjectKey(self.namespace, self.name)
+
+
+KubeObject = (
+    Pod | AzureIdentity | AzureIdentityBinding | AzureAssignedIdentity | AzurePodIdentityException | Secret
+)
+
+KINDS: dict[str, type[KubeObject]] = {
+    "Pod": Pod,
+    "AzureIdentity": AzureIdentity,
+    "AzureIdentityBinding": AzureIdentityBinding,
+    "AzureAssignedIdentity": AzureAssignedIdentity,
+    "AzurePodIdentityException": AzurePodIdentityException,
+    "Secret": Secret,
+}
+
+
+def _where(obj: Mapping[str, Any]) -> str:
+    meta = obj.get("metadata") or {}
+    return f"{obj.get('kind', '?')} {meta.get('namespace', 'default')}/{meta.get('name', '?')}"
+
+
+def _str(value: Any, what: str, obj: Mapping[str, Any], *, required: bool = False) -> str:
+    if value is None:
+        if required:
+            raise ConfigError(f"{_where(obj)}: {what} is required")
+        return ""
+    if not isinstance(value, str):
+        raise ConfigError(f"{_where(obj)}: {what} must be a string, got {type(value).__name__}")
+    if required and not value:
+        raise ConfigError(f"{_where(obj)}: {what} must not be empty")
+    return value
+
+
+def _str_map(value: Any, what: str, obj: Mapping[str, Any]) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise ConfigError(f"{_where(obj)}: {what} must be a map of strings")
+    return dict(value)
+
+
+def _meta(obj: Mapping[str, Any]) -> tuple[str, str, Mapping[str, Any]]:
+    meta = obj.get("metadata")
+    if not isinstance(meta, Mapping):
+        raise ConfigError(f"{_where(obj)}: metadata is required")
+    name = _str(meta.get("name"), "metadata.name", obj, required=True)
+    namespace = _str(meta.get("namespace"), "metadata.namespace", obj) or "default"
+    return namespace, name, meta
+
+
+def _section(obj: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    value = obj.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{_where(obj)}: {name} must be an object")
+    return value
+
+
+def parse_pod(obj: Mapping[str, Any]) -> Pod:
+    namespace, name, meta = _meta(obj)
+    spec = _section(obj, "spec")
+    status = _section(obj, "status")
+    return Pod(
+        namespace=namespace,
+        name=name,
+        uid=_str(meta.get("uid"), "metadata.uid", obj),
+        ip=_str(status.get("podIP"), "status.podIP", obj),
+        phase=_str(status.get("phase"), "status.phase", obj) or "Pending",
+        labels=_str_map(meta.get("labels"), "metadata.labels", obj),
+        node_name=_str(spec.get("nodeName"), "spec.nodeName", obj),
+        deleting=meta.get("deletionTimestamp") is not None,
+        host_network=bool(spec.get("hostNetwork", False)),
+        resource_version=_str(meta.get("resourceVersion"), "metadata.resourceVersion", obj),
+    )
+
+
+def _identity_type(value: Any, obj: Mapping[str, Any]) -> IdentityType:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{_where(obj)}: spec.type must be 0, 1 or 2")
+    try:
+        return IdentityType(value)
+    except ValueError:
+        raise ConfigError(f"{_where(obj)}: spec.type must be 0, 1 or 2, got {value}") from None
+
+
+def parse_identity(obj: Mapping[str, Any]) -> AzureIdentity:
+    namespace, name, meta = _meta(obj)
+    spec = _section(obj, "spec")
+    id_type = _identity_type(spec.get("type", 0), obj)
+    password = spec.get("clientPassword")
+    ref: SecretRef | None = None
+    if password is not None:
+        if not isinstance(password, Mapping):
+            raise ConfigError(f"{_where(obj)}: spec.clientPassword must be an object")
+        ref = SecretRef(
+            namespace=_str(password.get("namespace"), "spec.clientPassword.namespace", obj) or namespace,
+            name=_str(password.get("name"), "spec.clientPassword.name", obj, required=True),
+        )
+    aux = spec.get("auxiliaryTenantIDs") or []
+    if not isinstance(aux, list) or not all(isinstance(t, str) for t in aux):
+        raise ConfigError(f"{_where(obj)}: spec.auxiliaryTenantIDs must be a list of strings")
+    annotations = _str_map(meta.get("annotations"), "metadata.annotations", obj)
+    return AzureIdentity(
+        namespace=namespace,
+        name=name,
+        type=id_type,
+        client_id=_str(spec.get("clientID"), "spec.clientID", obj, required=True),
+        resource_id=_str(spec.get("resourceID"), "spec.resourceID", obj),
+        tenant_id=_str(spec.get("tenantID"), "spec.tenantID", obj),
+        auxiliary_tenant_ids=tuple(aux),
+        ad_endpoint=_str(spec.get("adEndpoint"), "spec.adEndpoint", obj),
+        client_password=ref,
+        namespaced=annotations.get(BEHAVIOR_ANNOTATION, "").casefold() == "namespaced",
+        resource_version=_str(meta.get("resourceVersion"), "metadata.resourceVersion", obj),
+    )
+
+
+def parse_binding(obj: Mapping[str, Any]) -> AzureIdentityBinding:
+    namespace, name, meta = _meta(obj)
+    spec = _section(obj, "spec")
+    return AzureIdentityBinding(
+        namespace=namespace,
+        name=name,
+        identity_name=_str(spec.get("azureIdentity"), "spec.azureIdentity", obj, required=True),
+        selector=_str(spec.get("selector"), "spec.selector", obj),
+        resource_version=_str(meta.get("resourceVersion"), "metadata.resourceVersion", obj),
+    )
+
+
+def parse_assigned_identity(obj: Mapping[str, Any]) -> AzureAssignedIdentity:
+    namespace, name, meta = _meta(obj)
+    spec = _section(obj, "spec")
+    status = _section(obj, "status")
+    ref = spec.get("azureIdentityRef")
+    if not isinstance(ref, Mapping):
+        raise ConfigError(f"{_where(obj)}: spec.azureIdentityRef is required")
+    embedded = dict(ref)
+    embedded.setdefault("kind", "AzureIdentity")
+    binding = spec.get("azureBindingRef")
+    binding_name = ""
+    if isinstance(binding, Mapping):
+        binding_meta = binding.get("metadata")
+        if isinstance(binding_meta, Mapping):
+            binding_name = str(binding_meta.get("name", ""))
+    labels = _str_map(meta.get("labels"), "metadata.labels", obj)
+    return AzureAssignedIdentity(
+        namespace=namespace,
+        name=name,
+        pod_namespace=_str(spec.get("podNamespace"), "spec.podNamespace", obj, required=True),
+        pod_name=_str(spec.get("pod"), "spec.pod", obj, required=True),
+        identity=parse_identity(embedded),
+        state=_str(status.get("status"), "status.status", obj),
+        node_name=_str(spec.get("nodename"), "spec.nodename", obj) or labels.get("nodename", ""),
+        binding_name=binding_name,
+        resource_version=_str(meta.get("resourceVersion"), "metadata.resourceVersion", obj),
+    )
+
+
+def parse_exception(obj: Mapping[str, Any]) -> AzurePodIdentityException:
+    namespace, name, meta = _meta(obj)
+    spec = _section(obj, "spec")
+    return AzurePodIdentityException(
+        namespace=namespace,
+        name=name,
+        pod_labels=_str_map(spec.get("podLabels"), "spec.podLabels", obj),
+        resource_version=_str(meta.get("resourceVersion"), "metadata.resourceVersion", obj),
+    )
+
+
+def parse_secret(obj: Mapping[str, Any]) -> Secret:
+    namespace, name, meta = _meta(obj)
+    data: dict[str, bytes] = {}
+    raw = obj.get("data") or {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{_where(obj)}: data must be a map")
+    for key, value in raw.items():
+        try:
+            data[str(key)] = base64.b64decode(str(value), validate=True)
+        except ValueError:
+            raise ConfigError(f"{_where(obj)}: data.{key} is not valid base64") from None
+    for key, value in _str_map(obj.get("stringData"), "stringData", obj).items():
+        data[key] = value.encode()
+    return Secret(
+        namespace=namespace,
+        name=name,
+        data=data,
+        resource_version=_str(meta.get("resourceVersion"), "metadata.resourceVersion", obj),
+    )
+
+
+PARSERS: dict[str, Any] = {
+    "Pod": parse_pod,
+    "AzureIdentity": parse_identity,
+    "AzureIdentityBinding": parse_binding,
+    "AzureAssignedIdentity": parse_assigned_identity,
+    "AzurePodIdentityException": parse_exception,
+    "Secret": parse_secret,
+}
+
+
+def parse_object(obj: Mapping[str, Any]) -> KubeObject:
+    """Parse one object in its Kubernetes shape; ``ConfigError`` names what is wrong."""
+    if not isinstance(obj, Mapping):
+        raise ConfigError(f"expected an object, got {type(obj).__name__}")
+    kind = obj.get("kind")
+    parser = PARSERS.get(kind) if isinstance(kind, str) else None
+    if parser is None:
+        raise ConfigError(f"{_where(obj)}: unsupported kind {kind!r}")
+    api_version = obj.get("apiVersion")
+    if kind not in ("Pod", "Secret") and api_version not in (None, GROUP_VERSION):
+        raise ConfigError(f"{_where(obj)}: apiVersion must be {GROUP_VERSION}")
+    result: KubeObject = parser(obj)
+    return result

@@ -1,0 +1,134 @@
+"""One typed settings object, grouped by concern.
+
+Units are in the names (``_s`` seconds, ``_bytes`` bytes). Defaults follow aad-pod-identity NMI where
+users rely on them (ports, modes, header checks) and fix its defects elsewhere (timeouts, limits).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+OperationMode = Literal["standard", "managed"]
+LogFormat = Literal["text", "json"]
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    listen_address: str = "127.0.0.1"
+    """Bind address of the token listener (``--nmi-listen-address``)."""
+    port: int = 2579
+    """``--nmi-port``; also the DNAT target port."""
+    max_connections: int = 4096
+    """Open connections above this are closed at once: a node has at most a few hundred pods."""
+    max_request_line_bytes: int = 8190
+    """Longer request lines get 414 (aiohttp's limit)."""
+    max_header_bytes: int = 16384
+    """A larger header block gets 431."""
+    max_headers: int = 128
+    max_body_bytes: int = 64 * 1024
+    """Token requests carry no body; proxied IMDS calls carry tiny ones. Larger gets 413."""
+    idle_timeout_s: float = 30.0
+    """A connection with no request in progress is closed after this long, also before its first byte."""
+    request_timeout_s: float = 10.0
+    """Absolute deadline to receive one whole request once its first byte arrived (slowloris)."""
+    graceful_timeout_s: float = 10.0
+    """On SIGTERM, in-flight requests get this long to finish."""
+    max_pipelined: int = 32
+    """Queued pipelined requests per connection before reading pauses."""
+    backlog: int = 2048
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSettings:
+    metadata_ip: str = "169.254.169.254"
+    metadata_port: int = 80
+    api_version: str = "2018-02-01"
+    """Used when the caller names none."""
+    max_concurrent: int = 5
+    """Azure documents 5 concurrent identity requests per VM."""
+    rate_per_s: float = 15.0
+    """Azure documents 20 identity requests/s per VM; stay under it."""
+    connect_timeout_s: float = 2.0
+    request_timeout_s: float = 10.0
+    """Cap for one upstream attempt; the caller's own deadline may shorten it."""
+    retry_backoff_s: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
+    """Waits between attempts on 410/429/5xx/transport errors; its length bounds the attempts."""
+    proxy_timeout_s: float = 10.0
+    """Total time for one proxied (non-token) IMDS request."""
+
+
+@dataclass(frozen=True, slots=True)
+class TokenCacheSettings:
+    refresh_margin_s: float = 300.0
+    """Refresh no later than this long before expiry."""
+    min_refresh_interval_s: float = 30.0
+    """At most one refresh attempt per key in this window."""
+    jitter_fraction: float = 0.1
+    """Refresh times are spread by up to this fraction of the token's lifetime, earlier only."""
+    max_entries: int = 10_000
+    expiry_safety_s: float = 60.0
+    """A cached token this close to expiry is not served; a fresh one is fetched instead."""
+
+
+@dataclass(frozen=True, slots=True)
+class IdentitySettings:
+    operation_mode: OperationMode = "standard"
+    force_namespaced: bool = False
+    metadata_header_required: bool = True
+    set_retry_after_header: bool = False
+    retry_after_s: int = 20
+    block_instance_metadata: bool = False
+    enable_host_token: bool = False
+    """Legacy ``/host/token`` for node processes; off unless asked for."""
+    pod_wait_timeout_s: float = 5.0
+    """How long a request from an address not yet in the pod cache waits for the watch."""
+    identity_wait_timeout_s: float = 15.0
+    """How long a request waits for an identity to become ``Assigned`` (standard mode)."""
+    mic_namespace: str = "default"
+    """Accepted for compatibility; no pod is trusted by its name (nmi-spec §9.9)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ObservabilitySettings:
+    prometheus_port: int = 9090
+    probe_port: int = 8080
+    """``--http-probe-port``: /healthz and /readyz."""
+    probe_address: str = "0.0.0.0"
+    metrics_address: str = "0.0.0.0"
+    log_format: LogFormat = "text"
+    log_level: str = "INFO"
+    audit_lines_per_s: float = 50.0
+    """Audit lines above this rate are counted and summarised instead of written."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSettings:
+    node_name: str = ""
+    cluster_state_path: str | None = None
+    """``--cluster-state``: a YAML file instead of the Kubernetes API."""
+    cluster_state_poll_s: float = 1.0
+    kubeconfig: str | None = None
+    enable_scale_features: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class IptablesSettings:
+    manage: bool = True
+    update_interval_s: float = 60.0
+    cleanup_on_exit: bool = False
+    """Rules stay on SIGTERM (fail closed) unless uninstalling."""
+    enable_conntrack_deletion: bool = False
+    allow_network_plugin_kubenet: bool = False
+    kubelet_config: str = "/etc/default/kubelet"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
+    cache: TokenCacheSettings = field(default_factory=TokenCacheSettings)
+    identity: IdentitySettings = field(default_factory=IdentitySettings)
+    observability: ObservabilitySettings = field(default_factory=ObservabilitySettings)
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
+    iptables: IptablesSettings = field(default_factory=IptablesSettings)
