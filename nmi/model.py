@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from enum import IntEnum
 from typing import Any
 
@@ -50,6 +51,8 @@ class Pod:
     deleting: bool = False
     host_network: bool = False
     resource_version: str = ""
+    created_at: float = 0.0
+    """Epoch seconds from ``metadata.creationTimestamp``; 0 when unknown."""
 
     @property
     def key(self) -> ObjectKey:
@@ -57,8 +60,12 @@ class Pod:
 
     @property
     def live(self) -> bool:
-        """Only these may own a caller address (nmi-spec §3.1), and not while being deleted."""
-        return self.phase in LIVE_PHASES and not self.deleting and bool(self.ip)
+        """Whether this pod may own its caller address (nmi-spec §3.1).
+
+        Host-network pods share the node's address, so the address says nothing about which of
+        them called: they are never indexed by IP.
+        """
+        return self.phase in LIVE_PHASES and not self.deleting and bool(self.ip) and not self.host_network
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,7 +235,20 @@ def parse_pod(obj: Mapping[str, Any]) -> Pod:
         deleting=meta.get("deletionTimestamp") is not None,
         host_network=bool(spec.get("hostNetwork", False)),
         resource_version=_str(meta.get("resourceVersion"), "metadata.resourceVersion", obj),
+        created_at=_timestamp(meta.get("creationTimestamp"), "metadata.creationTimestamp", obj),
     )
+
+
+def _timestamp(value: Any, what: str, obj: Mapping[str, Any]) -> float:
+    if value is None or value == "":
+        return 0.0
+    if isinstance(value, datetime):
+        return value.timestamp()
+    text = _str(value, what, obj)
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        raise ConfigError(f"{_where(obj)}: {what} is not an RFC 3339 time: {text!r}") from None
 
 
 def _identity_type(value: Any, obj: Mapping[str, Any]) -> IdentityType:

@@ -56,6 +56,10 @@ class UpstreamSettings:
     """Waits between attempts on 410/429/5xx/transport errors; its length bounds the attempts."""
     proxy_timeout_s: float = 10.0
     """Total time for one proxied (non-token) IMDS request."""
+    custom_user_agent: str = ""
+    """Appended to NMI's user agent on upstream calls (``--custom-user-agent``)."""
+    aad_ca_bundle: str | None = None
+    """CA bundle for Azure AD (private clouds, the test stand-in); ``None`` uses the system store."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +89,8 @@ class IdentitySettings:
     """How long a request from an address not yet in the pod cache waits for the watch."""
     identity_wait_timeout_s: float = 15.0
     """How long a request waits for an identity to become ``Assigned`` (standard mode)."""
+    allow_cross_namespace_secrets: bool = False
+    """Let ``clientPassword`` name a secret outside the identity's namespace (the original did)."""
     mic_namespace: str = "default"
     """Accepted for compatibility; no pod is trusted by its name (nmi-spec §9.9)."""
 

@@ -1,0 +1,3 @@
+from nmi.cli import main
+
+main()

@@ -1,0 +1,322 @@
+"""The token listener's routes: the HTTP face of ``TokenService`` and ``ImdsProxy``.
+
+A request whose answer is already in memory (known pod, decided identity, cached token) is
+answered synchronously from ``__call__``; only misses return a coroutine, which the HTTP layer
+runs as a task and cancels if the client disconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from functools import lru_cache
+from typing import Any
+from urllib.parse import unquote_plus
+
+from nmi.errors import BadRequest, Forbidden, IdentityNotFound, NmiError
+from nmi.http.request import Request
+from nmi.http.response import Response
+from nmi.logs import AuditLog, redact
+from nmi.metrics import Metrics
+from nmi.model import Pod
+from nmi.proxy import ImdsProxy
+from nmi.resolver import Deny, Grant, IdentityQuery, PassThrough
+from nmi.routing import Route, classify
+from nmi.service import TokenService
+from nmi.settings import Settings
+from nmi.tokens.model import Token
+
+JSON = ((b"content-type", b"application/json; charset=utf-8"),)
+TOKEN_OPERATION = "/metadata/identity/oauth2/token"
+HOST_OPERATION = "/host/token/"
+UNSUPPORTED_SELECTORS = ("object_id", "principal_id")
+# Well-known audiences are kept as metric labels; anything else is "other", so a pod cannot
+# grow the metric's cardinality by inventing resources.
+KNOWN_RESOURCES = frozenset(
+    {
+        "https://management.azure.com/",
+        "https://management.azure.com",
+        "https://management.core.windows.net/",
+        "https://vault.azure.net",
+        "https://vault.azure.net/",
+        "https://storage.azure.com/",
+        "https://storage.azure.com",
+        "https://graph.microsoft.com/",
+        "https://graph.microsoft.com",
+        "https://database.windows.net/",
+        "https://ossrdbms-aad.database.windows.net",
+        "https://servicebus.azure.net",
+        "https://eventhubs.azure.net",
+        "https://cognitiveservices.azure.com",
+        "https://monitor.azure.com/",
+        "https://containerregistry.azure.net",
+    }
+)
+
+Outcome = Response | Awaitable[Response]
+
+
+def error_body(error: str, description: str) -> bytes:
+    return json.dumps({"error": error, "error_description": description}, separators=(",", ":")).encode()
+
+
+def error_response(exc: NmiError) -> Response:
+    headers = JSON
+    if exc.retry_after is not None:
+        headers = (*JSON, (b"retry-after", str(int(exc.retry_after)).encode()))
+    return Response(exc.status, error_body(exc.error, exc.description), headers)
+
+
+# IMDS's own answer, byte for byte, so SDKs that parse it keep working (nmi-spec §2.3).
+MISSING_METADATA = Response(
+    400, error_body("invalid_request", "Required metadata header not specified"), JSON
+)
+MISSING_RESOURCE = Response(400, error_body("invalid_request", "parameter resource cannot be empty"), JSON)
+INVALID_TOKEN_PATH = Response(400, error_body("invalid_request", "Invalid request"), JSON)
+NON_CANONICAL = Response(400, error_body("invalid_request", "Invalid request path"), JSON)
+INSTANCE_BLOCKED = Response(403, error_body("forbidden", "Request blocked by AAD Pod Identity NMI"), JSON)
+HOST_TOKEN_DISABLED = Response(404, error_body("not_found", "/host/token is disabled on this node"), JSON)
+
+
+def parse_query(query: str) -> dict[str, str]:
+    """Query parameters, first value wins; decoding only where needed (hot path)."""
+    params: dict[str, str] = {}
+    if not query:
+        return params
+    for part in query.split("&"):
+        name, _, value = part.partition("=")
+        if "%" in name or "+" in name:
+            name = unquote_plus(name)
+        if "%" in value or "+" in value:
+            value = unquote_plus(value)
+        params.setdefault(name, value)
+    return params
+
+
+def resource_label(resource: str) -> str:
+    return resource if resource in KNOWN_RESOURCES else "other"
+
+
+@lru_cache(maxsize=4096)
+def _route(raw_path: str) -> Route:
+    return classify(raw_path)
+
+
+class NmiHandler:
+    def __init__(
+        self,
+        settings: Settings,
+        service: TokenService,
+        proxy: ImdsProxy,
+        metrics: Metrics,
+        audit: AuditLog,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._identity = settings.identity
+        self._api_version = settings.upstream.api_version
+        self._service = service
+        self._proxy = proxy
+        self._metrics = metrics
+        self._audit = audit
+        self._clock = clock
+        self._children: dict[tuple[str, ...], Any] = {}
+        self._granted = metrics.decisions.labels("granted")
+        self._passed = metrics.decisions.labels("pass_through")
+
+    def __call__(self, request: Request) -> Outcome:
+        route = _route(request.raw_path)
+        if route is Route.TOKEN:
+            return self._token(request)
+        if route is Route.PROXY:
+            return self._proxied(request)
+        if route is Route.INSTANCE:
+            if self._identity.block_instance_metadata:
+                return self._observe(request, "instance", INSTANCE_BLOCKED)
+            return self._proxied(request)
+        if route is Route.HOST_TOKEN:
+            return self._host_token(request)
+        if route is Route.INVALID_TOKEN:
+            return self._observe(request, "invalid_token", INVALID_TOKEN_PATH)
+        return self._observe(request, "non_canonical", NON_CANONICAL)
+
+    # --- metrics ------------------------------------------------------------------------
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (metric._name, *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def _observe(self, request: Request, route: str, response: Response) -> Response:
+        elapsed = asyncio.get_running_loop().time() - request.received_at
+        self._child(self._metrics.requests, route, _STATUS[response.status]).observe(elapsed)
+        return response
+
+    def _observe_token(
+        self, request: Request, operation: str, response: Response, namespace: str, resource: str
+    ) -> Response:
+        elapsed = asyncio.get_running_loop().time() - request.received_at
+        status = _STATUS[response.status]
+        self._child(self._metrics.requests, "token", status).observe(elapsed)
+        self._child(
+            self._metrics.nmi_operations, operation, status, namespace, resource_label(resource)
+        ).observe(elapsed)
+        return response
+
+    # --- token --------------------------------------------------------------------------
+
+    def _metadata_ok(self, request: Request) -> bool:
+        if not self._identity.metadata_header_required:
+            return True
+        value = request.headers.get("metadata")
+        # IMDS itself accepts any case; the original demanded exactly "true" (nmi-spec §9.11).
+        return value is not None and value.strip().lower() == "true"
+
+    def _token(self, request: Request) -> Outcome:
+        if not self._metadata_ok(request):
+            return self._observe_token(request, TOKEN_OPERATION, MISSING_METADATA, "", "")
+        params = parse_query(request.query)
+        resource = params.get("resource", "")
+        if not resource:
+            return self._observe_token(request, TOKEN_OPERATION, MISSING_RESOURCE, "", "")
+        for name in UNSUPPORTED_SELECTORS:
+            if params.get(name):
+                error = BadRequest(
+                    f"{name} is not supported here: name the identity with client_id or msi_res_id"
+                )
+                return self._observe_token(request, TOKEN_OPERATION, error_response(error), "", resource)
+        query = IdentityQuery(
+            client_id=params.get("client_id", "").casefold(),
+            resource_id=(params.get("msi_res_id") or params.get("mi_res_id", "")).casefold(),
+        )
+        api_version = params.get("api-version") or self._api_version
+        pod: Pod | None = None
+        try:
+            pod = self._service.pod_now(request.peer_ip)
+            if pod is not None:
+                decision = self._service.decide_now(pod, query)
+                if isinstance(decision, Grant):
+                    token_request = self._service.request_for(decision.identity, resource, api_version)
+                    token = self._service.cached(token_request)
+                    if token is not None:
+                        return self._granted_response(request, pod, decision, resource, token)
+                elif isinstance(decision, Deny):
+                    raise IdentityNotFound(f"{decision.reason} ({pod.namespace}/{pod.name})")
+        except NmiError as exc:
+            return self._failed(request, exc, pod=pod, resource=resource)
+        return self._token_slow(request, query, resource, api_version)
+
+    async def _token_slow(
+        self, request: Request, query: IdentityQuery, resource: str, api_version: str
+    ) -> Response:
+        pod: Pod | None = None
+        try:
+            pod = await self._service.pod(request.peer_ip)
+            decision = await self._service.decide(pod, query)
+            if isinstance(decision, PassThrough):
+                self._passed.inc()
+                self._audit.record(
+                    "pass_through", pod=f"{pod.namespace}/{pod.name}", exception=str(decision.exception)
+                )
+                response = await self._proxy.forward(request, "/metadata/identity/oauth2/token")
+                return self._observe_token(request, TOKEN_OPERATION, response, pod.namespace, resource)
+            token_request = self._service.request_for(decision.identity, resource, api_version)
+            token = await self._service.token(token_request, deadline=self._service.deadline())
+            return self._granted_response(request, pod, decision, resource, token)
+        except NmiError as exc:
+            return self._failed(request, exc, pod=pod, resource=resource)
+
+    def _granted_response(
+        self, request: Request, pod: Pod, decision: Grant, resource: str, token: Token
+    ) -> Response:
+        self._granted.inc()
+        self._audit.record(
+            "granted",
+            pod=f"{pod.namespace}/{pod.name}",
+            identity=f"{decision.identity.namespace}/{decision.identity.name}",
+            client_id=redact(decision.identity.client_id),
+            resource=resource,
+        )
+        response = Response(200, token.render(self._clock()), JSON)
+        return self._observe_token(request, TOKEN_OPERATION, response, pod.namespace, resource)
+
+    def _failed(self, request: Request, exc: NmiError, *, pod: Pod | None, resource: str) -> Response:
+        self._audit.record(
+            "denied",
+            pod=f"{pod.namespace}/{pod.name}" if pod else request.peer_ip,
+            status=exc.status,
+            reason=exc.description,
+        )
+        namespace = pod.namespace if pod else ""
+        return self._observe_token(request, TOKEN_OPERATION, error_response(exc), namespace, resource)
+
+    # --- proxy --------------------------------------------------------------------------
+
+    def _proxied(self, request: Request) -> Outcome:
+        if not self._metadata_ok(request):
+            return self._observe(request, "proxy", MISSING_METADATA)
+        return self._forward(request)
+
+    async def _forward(self, request: Request) -> Response:
+        try:
+            response = await self._proxy.forward(request, request.raw_path)
+        except NmiError as exc:
+            response = error_response(exc)
+        return self._observe(request, "proxy", response)
+
+    # --- legacy host token --------------------------------------------------------------
+
+    def _host_token(self, request: Request) -> Outcome:
+        if not self._identity.enable_host_token:
+            return self._observe(request, "host_token", HOST_TOKEN_DISABLED)
+        if request.peer_ip != "127.0.0.1":
+            error = Forbidden("/host/token only answers processes on this node (127.0.0.1)")
+            return self._observe(request, "host_token", error_response(error))
+        namespace = request.headers.get("podns", "")
+        name = request.headers.get("podname", "")
+        if not namespace or not name:
+            error = BadRequest("missing 'podname' and 'podns' from request header")
+            return self._observe(request, "host_token", error_response(error))
+        params = parse_query(request.query)
+        resource = params.get("resource", "")
+        if not resource:
+            return self._observe(request, "host_token", MISSING_RESOURCE)
+        query = IdentityQuery(
+            client_id=params.get("client_id", "").casefold(),
+            resource_id=(params.get("msi_res_id") or params.get("mi_res_id", "")).casefold(),
+        )
+        return self._host_token_slow(request, namespace, name, query, resource)
+
+    async def _host_token_slow(
+        self, request: Request, namespace: str, name: str, query: IdentityQuery, resource: str
+    ) -> Response:
+        try:
+            pod = self._service.pod_by_name(namespace, name)
+            if pod is None:
+                raise IdentityNotFound(f"pod {namespace}/{name} is not on this node")
+            decision = await self._service.decide(pod, query)
+            if not isinstance(decision, Grant):
+                raise IdentityNotFound(f"pod {namespace}/{name} is excepted and has no identity of its own")
+            token_request = self._service.request_for(decision.identity, resource, self._api_version)
+            token = await self._service.token(token_request, deadline=self._service.deadline())
+        except NmiError as exc:
+            self._audit.record("denied", pod=f"{namespace}/{name}", status=exc.status, via="host_token")
+            return self._observe(request, "host_token", error_response(exc))
+        self._audit.record(
+            "granted",
+            pod=f"{namespace}/{name}",
+            client_id=redact(decision.identity.client_id),
+            via="host_token",
+        )
+        body = b'{"token":%s,"clientid":%s}' % (
+            token.render(self._clock()),
+            json.dumps(decision.identity.client_id).encode(),
+        )
+        return self._observe(request, "host_token", Response(200, body, JSON))
+
+
+_STATUS = {code: str(code) for code in range(100, 600)}

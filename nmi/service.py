@@ -1,0 +1,156 @@
+"""From a caller address and a token request to a token: pod lookup, identity decision, token.
+
+Each step first tries to answer from memory without awaiting; only a miss (unknown caller,
+identity not yet assigned, token not cached) awaits. The HTTP layer uses the synchronous
+``try_fast`` so a cached answer costs no task at all.
+
+The pod-start race: an address not yet in the pod cache, or an identity that MIC has not yet
+assigned, makes the request wait, woken by every cache update (``ClusterState.wait_for_change``)
+and bounded by the settings. A client that disconnects cancels the wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from nmi.errors import AmbiguousPod, IdentityNotFound, NmiError, PodNotFound, UpstreamUnavailable
+from nmi.metrics import Metrics
+from nmi.model import AzureIdentity, IdentityType, ObjectKey, Pod
+from nmi.resolver import Decision, Deny, Grant, IdentityQuery, PassThrough, Pending, resolve
+from nmi.settings import Settings
+from nmi.state import ClusterState
+from nmi.tokens.cache import TokenCache
+from nmi.tokens.model import Token, TokenRequest, TokenSource
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    pod: Pod
+
+
+class TokenService:
+    def __init__(
+        self,
+        settings: Settings,
+        state: ClusterState,
+        cache: TokenCache,
+        sources: Mapping[IdentityType, TokenSource],
+        metrics: Metrics,
+        *,
+        clock: Callable[[], float] = time.time,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self._settings = settings
+        self._identity = settings.identity
+        self._state = state
+        self._cache = cache
+        self._sources = sources
+        self._metrics = metrics
+        self._clock = clock
+        self._loop = loop
+        self._wait_pod = metrics.waits.labels("pod", "found"), metrics.waits.labels("pod", "timeout")
+        self._wait_identity = (
+            metrics.waits.labels("identity", "assigned"),
+            metrics.waits.labels("identity", "timeout"),
+        )
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
+
+    def deadline(self) -> float:
+        return (
+            self.loop.time()
+            + self._settings.upstream.request_timeout_s
+            + self._identity.identity_wait_timeout_s
+        )
+
+    # --- caller -------------------------------------------------------------------------
+
+    def pod_now(self, ip: str) -> Pod | None:
+        pods = self._state.pods_at(ip)
+        if len(pods) == 1:
+            return pods[0]
+        if pods:
+            self._metrics.ambiguous_callers.inc()
+            names = ", ".join(sorted(str(p.key) for p in pods))
+            raise AmbiguousPod(f"several running pods on this node have the address {ip}: {names}")
+        return None
+
+    async def pod(self, ip: str) -> Pod:
+        pod = self.pod_now(ip)
+        if pod is not None:
+            return pod
+        loop = self.loop
+        start = loop.time()
+        until = start + self._identity.pod_wait_timeout_s
+        while (remaining := until - loop.time()) > 0:
+            await self._state.wait_for_change(remaining)
+            pod = self.pod_now(ip)
+            if pod is not None:
+                self._wait_pod[0].observe(loop.time() - start)
+                return pod
+        self._wait_pod[1].observe(loop.time() - start)
+        self._metrics.kube_errors.labels("get_pod_list").inc()
+        raise self._not_found(PodNotFound(f"no running pod on this node has the address {ip}"))
+
+    def pod_by_name(self, namespace: str, name: str) -> Pod | None:
+        return self._state.get(Pod, ObjectKey(namespace, name))
+
+    # --- identity -----------------------------------------------------------------------
+
+    def decide_now(self, pod: Pod, query: IdentityQuery) -> Decision:
+        return resolve(self._state, pod, query, self._identity, now=self._clock())
+
+    async def decide(self, pod: Pod, query: IdentityQuery) -> Grant | PassThrough:
+        decision = self.decide_now(pod, query)
+        if isinstance(decision, Pending):
+            decision = await self._wait_for_identity(pod, query, decision)
+        if isinstance(decision, Grant | PassThrough):
+            return decision
+        self._metrics.decisions.labels("denied").inc()
+        raise self._not_found(IdentityNotFound(f"{decision.reason} ({pod.namespace}/{pod.name})"))
+
+    async def _wait_for_identity(self, pod: Pod, query: IdentityQuery, pending: Pending) -> Decision:
+        loop = self.loop
+        start = loop.time()
+        until = start + self._identity.identity_wait_timeout_s
+        decision: Decision = pending
+        while (remaining := until - loop.time()) > 0:
+            await self._state.wait_for_change(remaining)
+            current = self._state.get(Pod, pod.key)
+            if current is None or current.uid != pod.uid:
+                return Deny("the pod was deleted while waiting for its identity")
+            decision = self.decide_now(current, query)
+            if not isinstance(decision, Pending):
+                self._wait_identity[0].observe(loop.time() - start)
+                return decision
+        self._wait_identity[1].observe(loop.time() - start)
+        return Deny(f"{pending.reason}: still not assigned after {self._identity.identity_wait_timeout_s:g}s")
+
+    def _not_found(self, error: NmiError) -> NmiError:
+        if self._identity.set_retry_after_header:
+            # The documented way to let SDKs retry while MIC assigns (nmi-spec §2.6).
+            return UpstreamUnavailable(error.description, retry_after=self._identity.retry_after_s)
+        return error
+
+    # --- token --------------------------------------------------------------------------
+
+    def request_for(self, identity: AzureIdentity, resource: str, api_version: str) -> TokenRequest:
+        return TokenRequest(identity=identity, resource=resource, api_version=api_version)
+
+    def cached(self, request: TokenRequest) -> Token | None:
+        return self._cache.peek(request)
+
+    async def token(self, request: TokenRequest, *, deadline: float) -> Token:
+        identity = request.identity
+        source = self._sources.get(identity.type) if identity is not None else None
+        if source is None:
+            kind = identity.type if identity is not None else "node"
+            raise UpstreamUnavailable(f"identity type {kind} is not supported on this node")
+        return await self._cache.get(request, source, deadline=deadline)

@@ -1,0 +1,178 @@
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from nmi.model import ObjectKey, Pod, parse_object
+from nmi.resolver import Deny, Grant, IdentityQuery, PassThrough, Pending, resolve
+from nmi.settings import IdentitySettings
+from nmi.state import ClusterState
+from tests.core.builders import assigned, binding, exception, identity, pod
+
+ID_A = identity("id-a", "AAAA1111-0000-0000-0000-000000000001", resource_id="/subscriptions/s/rg/A")
+ID_B = identity("id-b", "bbbb2222-0000-0000-0000-000000000002", resource_id="/subscriptions/s/rg/B")
+ID_OTHER_NS = identity("id-c", "cccc3333-0000-0000-0000-000000000003", ns="other", namespaced=True)
+STANDARD = IdentitySettings()
+MANAGED = IdentitySettings(operation_mode="managed", force_namespaced=True)
+
+
+def make_state(*objs: dict) -> ClusterState:
+    state = ClusterState()
+    for obj in objs:
+        state.apply(parse_object(obj))
+    return state
+
+
+def the_pod(state: ClusterState, name: str = "web", ns: str = "default") -> Pod:
+    found = state.get(Pod, ObjectKey(ns, name))
+    assert found is not None
+    return found
+
+
+def decide(state: ClusterState, query: IdentityQuery = IdentityQuery(), settings=STANDARD, name="web"):
+    return resolve(state, the_pod(state, name), query, settings, now=time.time())
+
+
+def test_standard_assigned_identity_is_granted() -> None:
+    state = make_state(pod("web", "10.0.0.5"), assigned("web", ID_A))
+    decision = decide(state)
+    assert isinstance(decision, Grant) and decision.identity.name == "id-a"
+
+
+def test_standard_choice_is_deterministic_and_prefers_own_namespace() -> None:
+    id_z = identity("zz", "dddd", ns="default")
+    id_a_elsewhere = identity("aa", "eeee", ns="aaa-first")
+    for order in ([id_z, id_a_elsewhere], [id_a_elsewhere, id_z]):
+        state = make_state(pod("web", "10.0.0.5"), *(assigned("web", i) for i in order))
+        decision = decide(state)
+        assert isinstance(decision, Grant) and decision.identity.name == "zz"
+
+
+def test_named_client_id_matches_case_insensitively() -> None:
+    state = make_state(pod("web", "10.0.0.5"), assigned("web", ID_A), assigned("web", ID_B))
+    decision = decide(state, IdentityQuery(client_id="BBBB2222-0000-0000-0000-000000000002".casefold()))
+    assert isinstance(decision, Grant) and decision.identity.name == "id-b"
+    decision = decide(state, IdentityQuery(resource_id="/SUBSCRIPTIONS/S/RG/A".casefold()))
+    assert isinstance(decision, Grant) and decision.identity.name == "id-a"
+
+
+def test_named_identity_not_assigned_is_denied_not_substituted() -> None:
+    state = make_state(pod("web", "10.0.0.5", created="2020-01-01T00:00:00Z"), assigned("web", ID_A))
+    decision = decide(state, IdentityQuery(client_id="not-mine"))
+    assert isinstance(decision, Deny)
+
+
+def test_created_but_not_assigned_is_pending() -> None:
+    state = make_state(pod("web", "10.0.0.5"), assigned("web", ID_A, state="Created"))
+    assert isinstance(decide(state), Pending)
+    assert isinstance(decide(state, IdentityQuery(client_id=ID_A["spec"]["clientID"].casefold())), Pending)
+
+
+def test_new_pod_without_any_assignment_waits_old_pod_is_denied() -> None:
+    young = make_state(pod("web", "10.0.0.5"))
+    assert isinstance(decide(young), Pending)
+    old = make_state(pod("web", "10.0.0.5", created="2020-01-01T00:00:00Z"))
+    assert isinstance(decide(old), Deny)
+
+
+def test_namespaced_identity_from_other_namespace_is_dropped_without_crash() -> None:
+    state = make_state(pod("web", "10.0.0.5", created="2020-01-01T00:00:00Z"), assigned("web", ID_OTHER_NS))
+    assert isinstance(decide(state), Deny)
+    forced = IdentitySettings(force_namespaced=True)
+    state = make_state(pod("web", "10.0.0.5", created="2020-01-01T00:00:00Z"),
+                       assigned("web", identity("x", "1234", ns="elsewhere")))
+    assert isinstance(decide(state, settings=forced), Deny)
+    assert isinstance(decide(state), Grant)
+
+
+def test_unassigned_state_is_ignored() -> None:
+    state = make_state(pod("web", "10.0.0.5", created="2020-01-01T00:00:00Z"),
+                       assigned("web", ID_A, state="Unassigned"))
+    assert isinstance(decide(state), Deny)
+
+
+def test_exception_passes_through_by_any_label_case_insensitive_value() -> None:
+    state = make_state(
+        pod("agent", "10.0.0.9", labels={"app": "Monitor"}),
+        exception("exc", {"app": "monitor", "other": "x"}),
+        assigned("agent", ID_A),
+    )
+    assert isinstance(decide(state, name="agent"), PassThrough)
+
+
+def test_exception_in_other_namespace_does_not_apply() -> None:
+    state = make_state(
+        pod("agent", "10.0.0.9", labels={"app": "monitor"}, created="2020-01-01T00:00:00Z"),
+        exception("exc", {"app": "monitor"}, ns="kube-system"),
+    )
+    assert isinstance(decide(state, name="agent"), Deny)
+
+
+def test_no_mic_name_prefix_shortcut() -> None:
+    state = make_state(pod("mic-7d9f-abc", "10.0.0.7", created="2020-01-01T00:00:00Z"))
+    assert isinstance(decide(state, name="mic-7d9f-abc"), Deny)
+
+
+def test_managed_binding_by_label() -> None:
+    state = make_state(pod("web", "10.0.0.5", labels={"aadpodidbinding": "web"}), ID_A, ID_B,
+                       binding("b1", "id-b", "web"), binding("b2", "id-a", "other"))
+    decision = decide(state, settings=MANAGED)
+    assert isinstance(decision, Grant) and decision.identity.name == "id-b"
+    assert isinstance(decide(state, IdentityQuery(client_id="aaaa1111-0000-0000-0000-000000000001"),
+                             settings=MANAGED), Deny)
+
+
+def test_managed_selector_is_exact_and_empty_label_matches_nothing() -> None:
+    state = make_state(pod("web", "10.0.0.5", labels={"aadpodidbinding": "Web"}), ID_A,
+                       binding("b1", "id-a", "web"), binding("empty", "id-a", ""))
+    assert isinstance(decide(state, settings=MANAGED), Deny)
+    state.apply(parse_object(pod("web", "10.0.0.5")))
+    assert isinstance(decide(state, settings=MANAGED), Deny)
+
+
+def test_managed_identity_must_be_in_pod_namespace() -> None:
+    state = make_state(pod("web", "10.0.0.5", labels={"aadpodidbinding": "web"}),
+                       identity("id-a", "1111", ns="other"), binding("b1", "id-a", "web"))
+    assert isinstance(decide(state, settings=MANAGED), Deny)
+
+
+@pytest.mark.parametrize("phase", ["Succeeded", "Failed"])
+def test_finished_pods_do_not_own_their_address(phase: str) -> None:
+    state = make_state(pod("web", "10.0.0.5", phase=phase))
+    assert state.pods_at("10.0.0.5") == []
+
+
+def test_deleting_and_host_network_pods_are_not_indexed() -> None:
+    state = make_state(pod("a", "10.0.0.5", deleting=True), pod("b", "10.1.1.1", host_network=True))
+    assert state.pods_at("10.0.0.5") == [] and state.pods_at("10.1.1.1") == []
+
+
+def test_ip_reuse_and_ambiguity_visible_in_index() -> None:
+    state = make_state(pod("old", "10.0.0.5"), pod("new", "10.0.0.5"))
+    assert {p.name for p in state.pods_at("10.0.0.5")} == {"old", "new"}
+    state.apply(parse_object(pod("old", "10.0.0.5", phase="Succeeded")))
+    assert [p.name for p in state.pods_at("10.0.0.5")] == ["new"]
+
+
+def test_ip_change_moves_index_entry() -> None:
+    state = make_state(pod("web", "10.0.0.5"))
+    state.apply(parse_object(pod("web", "10.0.0.6")))
+    assert state.pods_at("10.0.0.5") == [] and [p.name for p in state.pods_at("10.0.0.6")] == ["web"]
+
+
+def test_replace_removes_missing_objects() -> None:
+    state = make_state(pod("a", "10.0.0.1"), pod("b", "10.0.0.2"))
+    state.replace("Pod", [parse_object(pod("b", "10.0.0.2"))])
+    assert state.pods_at("10.0.0.1") == [] and len(state.pods_at("10.0.0.2")) == 1
+
+
+async def test_wait_for_change_wakes_on_apply() -> None:
+    import asyncio
+
+    state = ClusterState()
+    waiter = asyncio.create_task(state.wait_for_change(5))
+    await asyncio.sleep(0)
+    state.apply(parse_object(pod("a", "10.0.0.1")))
+    assert await asyncio.wait_for(waiter, 1) is True
+    assert await state.wait_for_change(0.01) is False
