@@ -1,0 +1,82 @@
+"""Wiring the interception rules for this node: checks, sysctls, the reconciler.
+
+Called by the app only after the token listener is bound, so the rules never point at a port
+nobody listens on because of the daemon's own start-up order (nmi-spec §9.7).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from iptables.drift import Drift
+from iptables.reconcile import Reconciler
+from iptables.rules import RuleSpec
+from iptables.runner import IptablesRunner
+from nmi.errors import ConfigError
+from nmi.metrics import Metrics
+from nmi.netsetup import KUBENET_REFUSAL, NetSetupError, ensure_route_localnet, is_kubenet, purge_conntrack
+from nmi.settings import Settings
+
+log = logging.getLogger("nmi.iptables")
+
+
+class Interception:
+    """The reconciler plus the runner it drives, so the app can remove rules on uninstall."""
+
+    def __init__(self, runner: IptablesRunner, reconciler: Reconciler) -> None:
+        self.runner = runner
+        self.reconciler = reconciler
+
+    @property
+    def healthy(self) -> bool:
+        return self.reconciler.healthy and self.reconciler.installed.is_set()
+
+    @property
+    def last_error(self) -> str | None:
+        return self.reconciler.last_error
+
+    async def run(self) -> None:
+        await self.reconciler.run()
+
+    async def remove(self) -> None:
+        await self.runner.remove()
+
+
+async def start_interception(settings: Settings, metrics: Metrics) -> Interception:
+    ipt = settings.iptables
+    if not ipt.allow_network_plugin_kubenet and await asyncio.to_thread(is_kubenet, ipt.kubelet_config):
+        raise ConfigError(KUBENET_REFUSAL)
+    spec = RuleSpec.for_listener(
+        settings.server.listen_address,
+        settings.server.port,
+        metadata_ip=settings.upstream.metadata_ip,
+        metadata_port=settings.upstream.metadata_port,
+    )
+    if spec.target_ip.startswith("127."):
+        try:
+            changed = await asyncio.to_thread(ensure_route_localnet)
+        except (OSError, NetSetupError) as exc:
+            log.error("cannot enable route_localnet, pods' redirected packets may be dropped: %s", exc)
+        else:
+            if changed:
+                log.info(
+                    "enabled route_localnet on %s (pod packets DNATed to 127.0.0.1 are dropped without it)",
+                    ", ".join(changed),
+                )
+    runner = IptablesRunner(spec)
+
+    async def purge(_drift: Drift) -> None:
+        deleted = await asyncio.to_thread(
+            purge_conntrack, spec.metadata_ip, spec.metadata_port, spare=(spec.target_ip, spec.target_port)
+        )
+        if deleted:
+            log.info("purged %d conntrack entries that bypassed the rules", deleted)
+
+    reconciler = Reconciler(
+        runner,
+        interval_s=ipt.update_interval_s,
+        metrics=metrics,
+        on_change=purge if ipt.enable_conntrack_deletion else None,
+    )
+    return Interception(runner, reconciler)
