@@ -86,10 +86,7 @@ class ImdsProxy:
                 skip_auto_headers=skip,
                 auto_decompress=False,
             ) as upstream:
-                body = await upstream.content.read(MAX_RESPONSE_BYTES + 1)
-                if len(body) > MAX_RESPONSE_BYTES:
-                    self._outcomes["too_large"].inc()
-                    raise UpstreamUnavailable("the metadata service answered with an oversized body")
+                body = await self._read_capped(upstream)
                 out = tuple(
                     (k.encode("latin-1"), v.encode("latin-1"))
                     for k, v in upstream.headers.items()
@@ -103,3 +100,15 @@ class ImdsProxy:
         except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError):
             self._outcomes["error"].inc()
             raise UpstreamUnavailable("the metadata service could not be reached") from None
+
+    async def _read_capped(self, upstream: aiohttp.ClientResponse) -> bytes:
+        # content.read(n) returns what has arrived so far, not n bytes: loop until EOF.
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := await upstream.content.read(65536):
+            size += len(chunk)
+            if size > MAX_RESPONSE_BYTES:
+                self._outcomes["too_large"].inc()
+                raise UpstreamUnavailable("the metadata service answered with an oversized body")
+            chunks.append(chunk)
+        return b"".join(chunks)
