@@ -169,8 +169,13 @@ class App:
             await self._kube.start()
         sources = self._sources(self._session)
         service = TokenService(settings, self.state, self.cache, sources, self.metrics)
-        handler = NmiHandler(settings, service, ImdsProxy(settings.upstream, self._session, self.metrics),
-                             self.metrics, self.audit)
+        handler = NmiHandler(
+            settings,
+            service,
+            ImdsProxy(settings.upstream, self._session, self.metrics),
+            self.metrics,
+            self.audit,
+        )
         self.server = HttpServer(settings.server, handler, name="nmi")
         await self.server.start(settings.server.listen_address, settings.server.port)
         log.info("token listener on %s:%d", settings.server.listen_address, self.server.port)
@@ -207,7 +212,9 @@ class App:
             log.warning("removing interception rules on exit: pods reach IMDS directly until NMI returns")
             await self._reconciler.remove()
         elif self._reconciler is not None:
-            log.info("interception rules left in place: pods' metadata requests are refused until NMI returns")
+            log.info(
+                "interception rules left in place: pods' metadata requests are refused until NMI returns"
+            )
         if self._kube is not None:
             await self._kube.stop()
         await self.cache.close()

@@ -205,7 +205,7 @@ class NmiHandler:
                     if token is not None:
                         return self._granted_response(request, pod, decision, resource, token)
                 elif isinstance(decision, Deny):
-                    raise IdentityNotFound(f"{decision.reason} ({pod.namespace}/{pod.name})")
+                    raise self._service.denied(pod, decision)
         except NmiError as exc:
             return self._failed(request, exc, pod=pod, resource=resource)
         return self._token_slow(request, query, resource, api_version)

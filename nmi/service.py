@@ -51,6 +51,7 @@ class TokenService:
         self._metrics = metrics
         self._clock = clock
         self._loop = loop
+        self._denied = metrics.decisions.labels("denied")
         self._wait_pod = metrics.waits.labels("pod", "found"), metrics.waits.labels("pod", "timeout")
         self._wait_identity = (
             metrics.waits.labels("identity", "assigned"),
@@ -113,8 +114,11 @@ class TokenService:
             decision = await self._wait_for_identity(pod, query, decision)
         if isinstance(decision, Grant | PassThrough):
             return decision
-        self._metrics.decisions.labels("denied").inc()
-        raise self._not_found(IdentityNotFound(f"{decision.reason} ({pod.namespace}/{pod.name})"))
+        raise self.denied(pod, decision)
+
+    def denied(self, pod: Pod, decision: Deny) -> NmiError:
+        self._denied.inc()
+        return self._not_found(IdentityNotFound(f"{decision.reason} ({pod.namespace}/{pod.name})"))
 
     async def _wait_for_identity(self, pod: Pod, query: IdentityQuery, pending: Pending) -> Decision:
         loop = self.loop

@@ -11,7 +11,9 @@ def test_defaults_and_compat_flags() -> None:
 
 
 def test_pflag_style_booleans() -> None:
-    s = parse(["--node=n1", "--metadata-header-required=false", "--forceNamespaced", "--manage-iptables=false"])
+    s = parse(
+        ["--node=n1", "--metadata-header-required=false", "--forceNamespaced", "--manage-iptables=false"]
+    )
     assert not s.identity.metadata_header_required and s.identity.force_namespaced and not s.iptables.manage
 
 
@@ -21,8 +23,14 @@ def test_managed_mode_is_namespaced_and_case_insensitive() -> None:
 
 
 def test_legacy_retry_flags_map_to_wait_budget() -> None:
-    s = parse(["--node=n1", "--retry-attempts-for-created=1", "--retry-attempts-for-assigned=1",
-               "--find-identity-retry-interval=1"])
+    s = parse(
+        [
+            "--node=n1",
+            "--retry-attempts-for-created=1",
+            "--retry-attempts-for-assigned=1",
+            "--find-identity-retry-interval=1",
+        ]
+    )
     assert s.identity.identity_wait_timeout_s == 2.0
     assert parse(["--node=n1", "--identity-wait-timeout=3"]).identity.identity_wait_timeout_s == 3.0
 
@@ -35,7 +43,11 @@ def test_empty_node_is_refused_without_cluster_state(capsys: pytest.CaptureFixtu
 
 
 def test_bad_values_are_rejected() -> None:
-    for argv in (["--node=n", "--nmi-port=99999"], ["--node=n", "--operation-mode=weird"],
-                 ["--node=n", "--log-format=xml"], ["--node=n", "--block-instance-metadata=maybe"]):
+    for argv in (
+        ["--node=n", "--nmi-port=99999"],
+        ["--node=n", "--operation-mode=weird"],
+        ["--node=n", "--log-format=xml"],
+        ["--node=n", "--block-instance-metadata=maybe"],
+    ):
         with pytest.raises(SystemExit):
             parse(argv)

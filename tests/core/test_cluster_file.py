@@ -16,8 +16,17 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "cluster-state.yaml
 
 def test_example_file_parses_every_kind() -> None:
     kinds = sorted(type(o).__name__ for o in load(EXAMPLE))
-    assert kinds == sorted(["Pod", "Pod", "Pod", "AzureIdentity", "AzureIdentityBinding",
-                            "AzureAssignedIdentity", "AzurePodIdentityException"])
+    assert kinds == sorted(
+        [
+            "Pod",
+            "Pod",
+            "Pod",
+            "AzureIdentity",
+            "AzureIdentityBinding",
+            "AzureAssignedIdentity",
+            "AzurePodIdentityException",
+        ]
+    )
 
 
 def test_list_kind_and_secret_base64() -> None:
@@ -45,7 +54,10 @@ items:
     [
         ("kind: Pod\nmetadata: {}\n", "metadata.name is required"),
         ("kind: Gadget\nmetadata: {name: x}\n", "unsupported kind"),
-        ("kind: AzureIdentity\nmetadata: {name: x}\nspec: {type: 7, clientID: a}\n", "spec.type must be 0, 1 or 2"),
+        (
+            "kind: AzureIdentity\nmetadata: {name: x}\nspec: {type: 7, clientID: a}\n",
+            "spec.type must be 0, 1 or 2",
+        ),
         ("kind: AzureIdentity\nmetadata: {name: x}\nspec: {type: 0}\n", "spec.clientID is required"),
         ("a: [\n", "not valid YAML"),
         ("---\nkind: Pod\nmetadata: {name: ok}\n---\nkind: Pod\nmetadata: {name: 3}\n", "document 2"),

@@ -80,15 +80,18 @@ def test_namespaced_identity_from_other_namespace_is_dropped_without_crash() -> 
     state = make_state(pod("web", "10.0.0.5", created="2020-01-01T00:00:00Z"), assigned("web", ID_OTHER_NS))
     assert isinstance(decide(state), Deny)
     forced = IdentitySettings(force_namespaced=True)
-    state = make_state(pod("web", "10.0.0.5", created="2020-01-01T00:00:00Z"),
-                       assigned("web", identity("x", "1234", ns="elsewhere")))
+    state = make_state(
+        pod("web", "10.0.0.5", created="2020-01-01T00:00:00Z"),
+        assigned("web", identity("x", "1234", ns="elsewhere")),
+    )
     assert isinstance(decide(state, settings=forced), Deny)
     assert isinstance(decide(state), Grant)
 
 
 def test_unassigned_state_is_ignored() -> None:
-    state = make_state(pod("web", "10.0.0.5", created="2020-01-01T00:00:00Z"),
-                       assigned("web", ID_A, state="Unassigned"))
+    state = make_state(
+        pod("web", "10.0.0.5", created="2020-01-01T00:00:00Z"), assigned("web", ID_A, state="Unassigned")
+    )
     assert isinstance(decide(state), Deny)
 
 
@@ -115,25 +118,38 @@ def test_no_mic_name_prefix_shortcut() -> None:
 
 
 def test_managed_binding_by_label() -> None:
-    state = make_state(pod("web", "10.0.0.5", labels={"aadpodidbinding": "web"}), ID_A, ID_B,
-                       binding("b1", "id-b", "web"), binding("b2", "id-a", "other"))
+    state = make_state(
+        pod("web", "10.0.0.5", labels={"aadpodidbinding": "web"}),
+        ID_A,
+        ID_B,
+        binding("b1", "id-b", "web"),
+        binding("b2", "id-a", "other"),
+    )
     decision = decide(state, settings=MANAGED)
     assert isinstance(decision, Grant) and decision.identity.name == "id-b"
-    assert isinstance(decide(state, IdentityQuery(client_id="aaaa1111-0000-0000-0000-000000000001"),
-                             settings=MANAGED), Deny)
+    assert isinstance(
+        decide(state, IdentityQuery(client_id="aaaa1111-0000-0000-0000-000000000001"), settings=MANAGED), Deny
+    )
 
 
 def test_managed_selector_is_exact_and_empty_label_matches_nothing() -> None:
-    state = make_state(pod("web", "10.0.0.5", labels={"aadpodidbinding": "Web"}), ID_A,
-                       binding("b1", "id-a", "web"), binding("empty", "id-a", ""))
+    state = make_state(
+        pod("web", "10.0.0.5", labels={"aadpodidbinding": "Web"}),
+        ID_A,
+        binding("b1", "id-a", "web"),
+        binding("empty", "id-a", ""),
+    )
     assert isinstance(decide(state, settings=MANAGED), Deny)
     state.apply(parse_object(pod("web", "10.0.0.5")))
     assert isinstance(decide(state, settings=MANAGED), Deny)
 
 
 def test_managed_identity_must_be_in_pod_namespace() -> None:
-    state = make_state(pod("web", "10.0.0.5", labels={"aadpodidbinding": "web"}),
-                       identity("id-a", "1111", ns="other"), binding("b1", "id-a", "web"))
+    state = make_state(
+        pod("web", "10.0.0.5", labels={"aadpodidbinding": "web"}),
+        identity("id-a", "1111", ns="other"),
+        binding("b1", "id-a", "web"),
+    )
     assert isinstance(decide(state, settings=MANAGED), Deny)
 
 
