@@ -1,6 +1,6 @@
 """The composition root: builds every collaborator from ``Settings`` and runs the node daemon.
 
-Start order keeps the node fail-closed (nmi-spec §4.3, §9.6–9.7):
+Start order keeps the node fail-closed (nmi-spec §4.3, §9.6 and §9.7):
 1. the cluster state source starts (file loaded, or watches started; readiness waits for them);
 2. the token listener is bound;
 3. only then are the interception rules installed and reconciled;
@@ -39,6 +39,7 @@ from nmi.tokens.cache import TokenCache
 from nmi.tokens.imds_source import ImdsTokenSource
 from nmi.tokens.limiter import UpstreamLimiter
 from nmi.tokens.model import TokenSource
+from nmi.warmup import WarmStart
 
 log = logging.getLogger("nmi")
 
@@ -59,6 +60,8 @@ class App:
         self.state = ClusterState()
         self.audit = AuditLog(settings.observability.audit_lines_per_s)
         self.cache = TokenCache(settings.cache, self.metrics)
+        self.sources: dict[IdentityType, TokenSource] = {}
+        self.warmup = WarmStart(settings, self.state, self.cache, lambda: self.sources)
         self.server: HttpServer | None = None
         self.probe_server: HttpServer | None = None
         self.metrics_server: HttpServer | None = None
@@ -120,9 +123,11 @@ class App:
             self._file.load_initial()
             self._spawn(self._file.run(), "cluster-state-file")
             return
-        from nmi.kube.source import KubeSource
+        from nmi.kube.caches import KubeSource
 
-        self._kube = KubeSource(self.settings, self.state, self.metrics)
+        self._kube = KubeSource(
+            self.settings, self.state, self.metrics, on_pod_added=self.warmup.on_pod_added
+        )
 
     def _spawn(self, coro: Awaitable[Any], name: str) -> None:
         async def guarded() -> None:
@@ -167,8 +172,8 @@ class App:
         )
         if self._kube is not None:
             await self._kube.start()
-        sources = self._sources(self._session)
-        service = TokenService(settings, self.state, self.cache, sources, self.metrics)
+        self.sources = self._sources(self._session)
+        service = TokenService(settings, self.state, self.cache, self.sources, self.metrics)
         handler = NmiHandler(
             settings,
             service,
@@ -217,6 +222,7 @@ class App:
             )
         if self._kube is not None:
             await self._kube.stop()
+        await self.warmup.close()
         await self.cache.close()
         if self._msal is not None:
             self._msal.close()

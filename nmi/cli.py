@@ -51,7 +51,9 @@ def _positive(text: str) -> float:
     return value
 
 
-def _flag(parser: argparse.ArgumentParser, name: str, default: bool, help: str) -> None:
+def _flag(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, name: str, default: bool, help: str
+) -> None:
     # pflag style: --flag, --flag=true, --flag=false.
     parser.add_argument(name, nargs="?", const=True, default=default, type=_bool, metavar="BOOL", help=help)
 

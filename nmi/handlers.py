@@ -28,7 +28,8 @@ from nmi.service import TokenService
 from nmi.settings import Settings
 from nmi.tokens.model import Token
 
-JSON = ((b"content-type", b"application/json; charset=utf-8"),)
+Headers = tuple[tuple[bytes, bytes], ...]
+JSON: Headers = ((b"content-type", b"application/json; charset=utf-8"),)
 TOKEN_OPERATION = "/metadata/identity/oauth2/token"
 HOST_OPERATION = "/host/token/"
 UNSUPPORTED_SELECTORS = ("object_id", "principal_id")
@@ -273,6 +274,7 @@ class NmiHandler:
     def _host_token(self, request: Request) -> Outcome:
         if not self._identity.enable_host_token:
             return self._observe(request, "host_token", HOST_TOKEN_DISABLED)
+        error: NmiError
         if request.peer_ip != "127.0.0.1":
             error = Forbidden("/host/token only answers processes on this node (127.0.0.1)")
             return self._observe(request, "host_token", error_response(error))

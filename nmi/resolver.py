@@ -103,14 +103,10 @@ def _choose(pod: Pod, allowed: list[AzureIdentity], query: IdentityQuery) -> Azu
     return ordered[0] if ordered else None
 
 
-def resolve_standard(
-    state: ClusterState,
-    pod: Pod,
-    query: IdentityQuery,
-    settings: IdentitySettings,
-    *,
-    now: float,
-) -> Decision:
+def _standard_candidates(
+    state: ClusterState, pod: Pod, settings: IdentitySettings
+) -> tuple[list[AzureIdentity], list[AzureIdentity], bool]:
+    """The pod's assigned and still-created identities, and whether it has any record at all."""
     assigned: list[AzureIdentity] = []
     created: list[AzureIdentity] = []
     records = state.assigned_identities(pod.key)
@@ -123,12 +119,47 @@ def resolve_standard(
             assigned.append(identity)
         elif record.state == CREATED:
             created.append(identity)
+    return assigned, created, bool(records)
+
+
+def _managed_candidates(state: ClusterState, pod: Pod) -> list[AzureIdentity]:
+    selector = pod.labels.get(BINDING_LABEL, "")
+    if not selector:
+        return []
+    names = {
+        b.identity_name
+        for b in state.in_namespace(AzureIdentityBinding, pod.namespace)
+        if b.selector == selector
+    }
+    return [
+        identity
+        for name in names
+        if (identity := state.get(AzureIdentity, ObjectKey(pod.namespace, name))) is not None
+    ]
+
+
+def allowed_identities(state: ClusterState, pod: Pod, settings: IdentitySettings) -> list[AzureIdentity]:
+    """Every identity ``pod`` may use right now, in the order a default request would pick."""
+    if settings.operation_mode == "managed":
+        return _order(pod, _managed_candidates(state, pod))
+    return _order(pod, _standard_candidates(state, pod, settings)[0])
+
+
+def resolve_standard(
+    state: ClusterState,
+    pod: Pod,
+    query: IdentityQuery,
+    settings: IdentitySettings,
+    *,
+    now: float,
+) -> Decision:
+    assigned, created, has_records = _standard_candidates(state, pod, settings)
     chosen = _choose(pod, assigned, query)
     if chosen is not None:
         return Grant(chosen)
     if any(not query.named or query.matches(i) for i in created):
         return Pending("identity not yet assigned to the node")
-    if not records and _young(pod, now, settings.identity_wait_timeout_s):
+    if not has_records and _young(pod, now, settings.identity_wait_timeout_s):
         return Pending("no identity assigned to the pod yet")
     if query.named:
         return Deny("the requested identity is not assigned to this pod")
@@ -141,20 +172,9 @@ def _young(pod: Pod, now: float, window_s: float) -> bool:
 
 
 def resolve_managed(state: ClusterState, pod: Pod, query: IdentityQuery) -> Decision:
-    selector = pod.labels.get(BINDING_LABEL, "")
-    if not selector:
+    if not pod.labels.get(BINDING_LABEL, ""):
         return Deny(f"pod has no {BINDING_LABEL} label")
-    names = {
-        b.identity_name
-        for b in state.in_namespace(AzureIdentityBinding, pod.namespace)
-        if b.selector == selector
-    }
-    allowed = [
-        identity
-        for name in names
-        if (identity := state.get(AzureIdentity, ObjectKey(pod.namespace, name))) is not None
-    ]
-    chosen = _choose(pod, allowed, query)
+    chosen = _choose(pod, _managed_candidates(state, pod), query)
     if chosen is not None:
         return Grant(chosen)
     if query.named:

@@ -114,6 +114,7 @@ class TokenService:
             decision = await self._wait_for_identity(pod, query, decision)
         if isinstance(decision, Grant | PassThrough):
             return decision
+        assert isinstance(decision, Deny)  # _wait_for_identity never returns Pending
         raise self.denied(pod, decision)
 
     def denied(self, pod: Pod, decision: Deny) -> NmiError:

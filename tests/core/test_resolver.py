@@ -30,7 +30,10 @@ def the_pod(state: ClusterState, name: str = "web", ns: str = "default") -> Pod:
     return found
 
 
-def decide(state: ClusterState, query: IdentityQuery = IdentityQuery(), settings=STANDARD, name="web"):
+ANY = IdentityQuery()
+
+
+def decide(state: ClusterState, query: IdentityQuery = ANY, settings=STANDARD, name="web"):
     return resolve(state, the_pod(state, name), query, settings, now=time.time())
 
 
