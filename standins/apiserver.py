@@ -1,0 +1,1277 @@
+"""A Kubernetes API server stand-in that speaks the real wire protocol, for tests and the demo.
+
+Clients reach it through an ordinary kubeconfig (``write_kubeconfig``), over HTTP or HTTPS with a
+trustme CA, optionally with a bearer token. What it implements, as the real server does:
+
+* pods and secrets (``/api/v1``) and the four ``aadpodidentity.k8s.io/v1`` kinds, all-namespaces
+  and namespaced collections, GET/POST/PUT/PATCH (JSON merge patch)/DELETE, finalizers and
+  graceful pod deletion (``deletionTimestamp`` first);
+* discovery (``/api``, ``/apis``, group and resource lists, ``/version``);
+* lists with ``labelSelector`` (``=``, ``==``, ``!=``, ``in``, ``notin``, ``k``, ``!k``),
+  ``fieldSelector`` (the kind's supported field labels; others are a 400 like the real server),
+  ``limit``/``continue`` served from a snapshot at the first page's resourceVersion, sorted by key;
+  core list items without ``kind``/``apiVersion``;
+* one global, monotonically increasing resourceVersion; watches from a resourceVersion replay the
+  retained history window and go live; older than the window gives an ERROR event with a 410
+  ``Expired`` Status (or an HTTP 410, if asked); no resourceVersion gives synthetic ADDED events
+  first; an object moving out of (into) a watch's selectors is sent as DELETED (ADDED);
+  ``allowWatchBookmarks`` gives BOOKMARK events every ``bookmark_interval_s`` carrying the current
+  resourceVersion; ``timeoutSeconds`` ends the stream cleanly;
+* chunked ``{"type": ..., "object": ...}\\n`` lines.
+
+Faults: ``cut_next_event`` (half a line, then the connection closes), ``close_watches``,
+``stall_watches`` (open streams go silent for good), ``pause_watches``/``resume_watches`` (hold
+then burst), ``stop_listening``/``start_listening`` (connections refused, open ones reset),
+``fail_next`` (500 or 429 with Retry-After on the next N requests), ``compact`` (history dropped,
+older watches get 410).
+
+CLI: ``python -m standins.apiserver --port P --load FILE.yaml [--tls] [--kubeconfig OUT]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import copy
+import datetime
+import itertools
+import json
+import logging
+import re
+import secrets
+import signal
+import socket
+import ssl
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from aiohttp import web
+
+log = logging.getLogger("standins.apiserver")
+
+CRD_GROUP = "aadpodidentity.k8s.io"
+CRD_VERSION = "v1"
+META_FIELDS = frozenset({"metadata.name", "metadata.namespace"})
+POD_FIELDS = META_FIELDS | {
+    "spec.nodeName",
+    "spec.restartPolicy",
+    "spec.schedulerName",
+    "spec.serviceAccountName",
+    "spec.hostNetwork",
+    "status.phase",
+    "status.podIP",
+    "status.nominatedNodeName",
+}
+
+
+@dataclass(frozen=True)
+class ResourceType:
+    plural: str
+    singular: str
+    kind: str
+    group: str = ""
+    version: str = "v1"
+    field_labels: frozenset[str] = META_FIELDS
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}" if self.group else self.version
+
+    @property
+    def core(self) -> bool:
+        return not self.group
+
+
+RESOURCES: tuple[ResourceType, ...] = (
+    ResourceType("pods", "pod", "Pod", field_labels=POD_FIELDS),
+    ResourceType("secrets", "secret", "Secret", field_labels=META_FIELDS | {"type"}),
+    ResourceType("azureidentities", "azureidentity", "AzureIdentity", CRD_GROUP, CRD_VERSION),
+    ResourceType(
+        "azureidentitybindings", "azureidentitybinding", "AzureIdentityBinding", CRD_GROUP, CRD_VERSION
+    ),
+    ResourceType(
+        "azureassignedidentities", "azureassignedidentity", "AzureAssignedIdentity", CRD_GROUP, CRD_VERSION
+    ),
+    ResourceType(
+        "azurepodidentityexceptions",
+        "azurepodidentityexception",
+        "AzurePodIdentityException",
+        CRD_GROUP,
+        CRD_VERSION,
+    ),
+)
+BY_PLURAL = {r.plural: r for r in RESOURCES}
+BY_KIND = {r.kind: r for r in RESOURCES}
+
+
+class ApiError(Exception):
+    """Becomes a ``Status`` response."""
+
+    def __init__(self, code: int, reason: str, message: str, *, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
+        self.message = message
+        self.retry_after = retry_after
+
+    def status(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": self.message,
+            "reason": self.reason,
+            "code": self.code,
+        }
+        if self.retry_after is not None:
+            body["details"] = {"retryAfterSeconds": self.retry_after}
+        return body
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# --- selectors -------------------------------------------------------------------------------
+
+_SET_TERM = re.compile(r"^\s*([^\s!=()]+)\s+(in|notin)\s+\(([^)]*)\)\s*$")
+_EQ_TERM = re.compile(r"^\s*([^\s!=]+)\s*(==|=|!=)\s*([^\s,]*)\s*$")
+_EXISTS = re.compile(r"^\s*(!?)\s*([^\s!=()]+)\s*$")
+
+
+@dataclass(frozen=True)
+class LabelRequirement:
+    key: str
+    op: str
+    """One of ``=``, ``!=``, ``in``, ``notin``, ``exists``, ``!``."""
+    values: frozenset[str] = frozenset()
+
+    def __call__(self, labels: Mapping[str, str]) -> bool:
+        value = labels.get(self.key)
+        if self.op == "=":
+            return value in self.values
+        if self.op == "!=":
+            return value not in self.values
+        if self.op == "in":
+            return value in self.values
+        if self.op == "notin":
+            return value not in self.values
+        if self.op == "exists":
+            return self.key in labels
+        return self.key not in labels
+
+
+@dataclass(frozen=True)
+class FieldRequirement:
+    path: str
+    value: str
+    negate: bool = False
+
+    def __call__(self, obj: Mapping[str, Any]) -> bool:
+        return (_field_value(obj, self.path) == self.value) != self.negate
+
+
+def _split_terms(selector: str) -> list[str]:
+    terms: list[str] = []
+    depth = 0
+    current: list[str] = []
+    for ch in selector:
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+        if ch == "," and depth == 0:
+            terms.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    terms.append("".join(current))
+    return [t for t in terms if t.strip()]
+
+
+def parse_label_selector(selector: str) -> list[LabelRequirement]:
+    reqs: list[LabelRequirement] = []
+    for term in _split_terms(selector):
+        if m := _SET_TERM.match(term):
+            values = frozenset(v.strip() for v in m.group(3).split(",") if v.strip())
+            reqs.append(LabelRequirement(m.group(1), m.group(2), values))
+        elif m := _EQ_TERM.match(term):
+            key, op, value = m.groups()
+            reqs.append(LabelRequirement(key, "!=" if op == "!=" else "=", frozenset({value})))
+        elif m := _EXISTS.match(term):
+            neg, key = m.groups()
+            reqs.append(LabelRequirement(key, "!" if neg else "exists"))
+        else:
+            raise ApiError(400, "BadRequest", f"unable to parse requirement: {term!r}")
+    return reqs
+
+
+def _field_value(obj: Mapping[str, Any], path: str) -> str:
+    value: Any = obj
+    for part in path.split("."):
+        value = value.get(part) if isinstance(value, Mapping) else None
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def parse_field_selector(selector: str, rtype: ResourceType) -> list[FieldRequirement]:
+    reqs: list[FieldRequirement] = []
+    for term in _split_terms(selector):
+        m = _EQ_TERM.match(term)
+        if not m:
+            raise ApiError(400, "BadRequest", f"invalid field selector: {term!r}")
+        key, op, value = m.groups()
+        if key not in rtype.field_labels:
+            raise ApiError(400, "BadRequest", f'field label not supported: "{key}"')
+        reqs.append(FieldRequirement(key, value, negate=op == "!="))
+    return reqs
+
+
+@dataclass
+class Filter:
+    rtype: ResourceType
+    namespace: str | None = None
+    labels: list[LabelRequirement] = field(default_factory=list)
+    fields: list[FieldRequirement] = field(default_factory=list)
+
+    def matches(self, obj: Mapping[str, Any] | None) -> bool:
+        if obj is None:
+            return False
+        meta = obj.get("metadata") or {}
+        if self.namespace is not None and meta.get("namespace") != self.namespace:
+            return False
+        labels = meta.get("labels") or {}
+        return all(p(labels) for p in self.labels) and all(p(obj) for p in self.fields)
+
+
+# --- events and watches ----------------------------------------------------------------------
+
+
+@dataclass
+class Event:
+    rv: int
+    plural: str
+    type: str
+    old: dict[str, Any] | None
+    new: dict[str, Any]
+    lines: dict[str, bytes] = field(default_factory=dict)
+
+    def line(self, etype: str) -> bytes:
+        cached = self.lines.get(etype)
+        if cached is None:
+            cached = self.lines[etype] = (
+                json.dumps({"type": etype, "object": self.new}, separators=(",", ":")) + "\n"
+            ).encode()
+        return cached
+
+
+class Watch:
+    def __init__(self, flt: Filter) -> None:
+        self.filter = flt
+        self.queue: deque[bytes] = deque()
+        self.queued_rv = 0
+        self.sent_rv = 0
+        """resourceVersion of the last event or bookmark written to the stream."""
+        self.wake = asyncio.Event()
+        self.stalled = False
+        self.closed = False
+        self.end_after_flush = False
+
+    def push(self, line: bytes, rv: int) -> None:
+        self.queue.append(line)
+        self.queued_rv = max(self.queued_rv, rv)
+        self.wake.set()
+
+    def offer(self, event: Event) -> None:
+        if event.plural != self.filter.rtype.plural:
+            return
+        old_m = self.filter.matches(event.old)
+        new_m = self.filter.matches(event.new)
+        if event.type == "DELETED":
+            if old_m or new_m:
+                self.push(event.line("DELETED"), event.rv)
+        elif old_m and new_m:
+            self.push(event.line(event.type), event.rv)
+        elif new_m:
+            self.push(event.line("ADDED"), event.rv)
+        elif old_m:
+            self.push(event.line("DELETED"), event.rv)
+
+
+@dataclass
+class _Failure:
+    status: int
+    retry_after: int | None
+    verbs: frozenset[str]
+
+
+@dataclass
+class RequestRecord:
+    method: str
+    path: str
+    query: dict[str, str]
+    verb: str
+    at: float
+    """Loop time the request arrived."""
+    user_agent: str = ""
+
+
+# --- the server ------------------------------------------------------------------------------
+
+
+class FakeApiServer:
+    """In-memory API server on a real socket. Writes through the Python API or over HTTP."""
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        tls: bool = False,
+        token: str | None = None,
+        history_limit: int = 10_000,
+        bookmark_interval_s: float = 60.0,
+        default_watch_timeout_s: float = 1800.0,
+        max_requests_logged: int = 10_000,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.token = token
+        """When set, requests must carry ``Authorization: Bearer <token>`` (changeable at run time)."""
+        self.bookmark_interval_s = bookmark_interval_s
+        self.default_watch_timeout_s = default_watch_timeout_s
+        self._tls = tls
+        self._ca: Any = None
+        self._server_ssl: ssl.SSLContext | None = None
+        if tls:
+            import trustme
+
+            self._ca = trustme.CA()
+            cert = self._ca.issue_cert("127.0.0.1", "localhost", "::1")
+            self._server_ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            cert.configure_cert(self._server_ssl)
+        self._objects: dict[str, dict[tuple[str, str], dict[str, Any]]] = {r.plural: {} for r in RESOURCES}
+        self._rv = 0
+        self._history: deque[Event] = deque(maxlen=history_limit)
+        self._compacted_rv = 0
+        self._gone_as_http = False
+        self._watches: set[Watch] = set()
+        self._snapshots: dict[str, tuple[int, list[dict[str, Any]], int, Filter]] = {}
+        self._failures: deque[_Failure] = deque()
+        self._cut_next = 0
+        self._cut_clean = False
+        self._paused = False
+        self._listening = False
+        self._changed = asyncio.Event()
+        self.requests: deque[RequestRecord] = deque(maxlen=max_requests_logged)
+        self._runner: web.AppRunner | None = None
+        self._site: web.BaseSite | None = None
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self._tls else 'http'}://{self.host}:{self.port}"
+
+    @property
+    def ca_pem(self) -> bytes | None:
+        return self._ca.cert_pem.bytes() if self._ca is not None else None
+
+    async def start(self) -> FakeApiServer:
+        app = web.Application(middlewares=[self._middleware], client_max_size=8 * 1024 * 1024)
+        self._routes(app)
+        # handler_cancellation: a client that goes away ends its watch handler at once.
+        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
+        await self._runner.setup()
+        await self.start_listening()
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None and self._listening:
+            await self.stop_listening()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+            self._site = None
+        self._listening = False
+
+    async def __aenter__(self) -> FakeApiServer:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start_listening(self) -> None:
+        """Accept connections (again) on the same port."""
+        assert self._runner is not None
+        if self._listening:
+            return
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.host, self.port))
+        self.port = sock.getsockname()[1]
+        self._site = web.SockSite(self._runner, sock, ssl_context=self._server_ssl)
+        await self._site.start()
+        self._listening = True
+
+    async def stop_listening(self) -> None:
+        """Refuse new connections and reset the open ones, as a crashed API server would."""
+        if self._site is not None:
+            await self._site.stop()
+            self._site = None
+        self._listening = False
+        assert self._runner is not None
+        server = self._runner.server
+        if server is not None:
+            for handler in server.connections:
+                if handler.transport is not None:
+                    handler.transport.abort()
+        for w in list(self._watches):
+            w.closed = True
+            w.wake.set()
+
+    def write_kubeconfig(
+        self, path: str | Path, *, token: str | None = None, token_file: str | None = None
+    ) -> Path:
+        """A kubeconfig that reaches this server: the same file a client would get for a real cluster."""
+        cluster: dict[str, Any] = {"server": self.url}
+        if self._ca is not None:
+            cluster["certificate-authority-data"] = base64.b64encode(self.ca_pem or b"").decode()
+        user: dict[str, Any] = {}
+        if token_file is not None:
+            user["tokenFile"] = str(token_file)
+        elif token or self.token:
+            user["token"] = token or self.token
+        doc = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "standin", "cluster": cluster}],
+            "users": [{"name": "standin", "user": user}],
+            "contexts": [{"name": "standin", "context": {"cluster": "standin", "user": "standin"}}],
+            "current-context": "standin",
+        }
+        path = Path(path)
+        path.write_text(yaml.safe_dump(doc, sort_keys=False))
+        return path
+
+    # --- observation -------------------------------------------------------------------------
+
+    @property
+    def resource_version(self) -> int:
+        return self._rv
+
+    @property
+    def open_watches(self) -> int:
+        return sum(1 for w in self._watches if not w.closed and not w.stalled)
+
+    def delivered_rv(self, plural: str) -> int:
+        """Lowest resourceVersion written (event or bookmark) across the open watches of ``plural``."""
+        sent = [w.sent_rv for w in self._watches if w.filter.rtype.plural == plural and not w.closed]
+        return min(sent) if sent else 0
+
+    def watches_of(self, plural: str) -> int:
+        return sum(
+            1 for w in self._watches if w.filter.rtype.plural == plural and not w.closed and not w.stalled
+        )
+
+    def _touch(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+        """Wait until ``predicate()`` holds; re-checked on every request and watch change."""
+        async with asyncio.timeout(timeout):
+            while not predicate():
+                await self._changed.wait()
+
+    # --- faults ------------------------------------------------------------------------------
+
+    def fail_next(
+        self,
+        n: int,
+        status: int = 500,
+        *,
+        retry_after: int | None = None,
+        verbs: Iterable[str] = ("list", "watch", "get"),
+    ) -> None:
+        """Answer the next ``n`` matching requests with ``status`` (a 429 may carry Retry-After)."""
+        for _ in range(n):
+            self._failures.append(_Failure(status, retry_after, frozenset(verbs)))
+
+    def cut_next_event(self, n: int = 1, *, clean_end: bool = False) -> None:
+        """The next ``n`` event writes send half their line, then close the connection; with
+        ``clean_end`` the chunked body is terminated properly right after the half line."""
+        self._cut_next += n
+        self._cut_clean = clean_end
+
+    def close_watches(self) -> None:
+        """End every open watch stream abruptly (no terminating chunk)."""
+        for w in self._watches:
+            w.closed = True
+            w.wake.set()
+
+    def send_error_event(
+        self, code: int = 500, reason: str = "InternalError", message: str = "injected"
+    ) -> None:
+        """Every open stream gets an ERROR event with this Status, then ends (as the server does)."""
+        line = (
+            json.dumps({"type": "ERROR", "object": ApiError(code, reason, message).status()}) + "\n"
+        ).encode()
+        for w in self._watches:
+            if not w.closed and not w.stalled:
+                w.push(line, self._rv)
+                w.end_after_flush = True
+
+    def stall_watches(self) -> None:
+        """Open streams stay connected but never send again: a silently dead watch."""
+        for w in self._watches:
+            w.stalled = True
+        self._touch()
+
+    def pause_watches(self) -> None:
+        """Hold events (and bookmarks) in the streams' queues until ``resume_watches``."""
+        self._paused = True
+
+    def resume_watches(self) -> None:
+        self._paused = False
+        for w in self._watches:
+            w.wake.set()
+
+    def compact(self, *, as_http_error: bool = False) -> None:
+        """Forget the event history: any watch from an older resourceVersion gets 410 Gone."""
+        self._history.clear()
+        self._compacted_rv = self._rv
+        self._gone_as_http = as_http_error
+        self._snapshots.clear()
+
+    # --- the store (Python API) --------------------------------------------------------------
+
+    @staticmethod
+    def _rtype(kind: str) -> ResourceType:
+        rtype = BY_PLURAL.get(kind) or BY_KIND.get(kind)
+        if rtype is None:
+            raise ApiError(404, "NotFound", f"the server could not find the requested resource ({kind})")
+        return rtype
+
+    def _record(
+        self, rtype: ResourceType, etype: str, old: dict[str, Any] | None, new: dict[str, Any]
+    ) -> None:
+        if self._history.maxlen is not None and len(self._history) == self._history.maxlen:
+            self._compacted_rv = self._history[0].rv
+        event = Event(self._rv, rtype.plural, etype, old, new)
+        self._history.append(event)
+        for w in self._watches:
+            if not w.closed and not w.stalled:
+                w.offer(event)
+        self._touch()
+
+    def _next_rv(self) -> str:
+        self._rv += 1
+        return str(self._rv)
+
+    def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        obj = self._objects[self._rtype(kind).plural].get((namespace, name))
+        return copy.deepcopy(obj) if obj is not None else None
+
+    def objects(self, kind: str) -> list[dict[str, Any]]:
+        store = self._objects[self._rtype(kind).plural]
+        return [copy.deepcopy(store[k]) for k in sorted(store)]
+
+    def create(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        rtype, new = self._prepare(obj)
+        meta = new["metadata"]
+        key = (meta["namespace"], meta["name"])
+        store = self._objects[rtype.plural]
+        if key in store:
+            raise ApiError(409, "AlreadyExists", f'{rtype.plural} "{meta["name"]}" already exists')
+        meta.setdefault("uid", str(uuid.uuid4()))
+        meta.setdefault("creationTimestamp", _now())
+        meta.pop("deletionTimestamp", None)
+        meta["resourceVersion"] = self._next_rv()
+        store[key] = new
+        self._record(rtype, "ADDED", None, new)
+        return copy.deepcopy(new)
+
+    def update(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        rtype, new = self._prepare(obj)
+        meta = new["metadata"]
+        key = (meta["namespace"], meta["name"])
+        store = self._objects[rtype.plural]
+        old = store.get(key)
+        if old is None:
+            raise ApiError(404, "NotFound", f'{rtype.plural} "{meta["name"]}" not found')
+        sent_rv = meta.get("resourceVersion")
+        if sent_rv and sent_rv != old["metadata"]["resourceVersion"]:
+            raise ApiError(
+                409,
+                "Conflict",
+                f'Operation cannot be fulfilled on {rtype.plural} "{meta["name"]}": '
+                "the object has been modified",
+            )
+        for kept in ("uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds"):
+            if kept in old["metadata"]:
+                meta[kept] = old["metadata"][kept]
+            else:
+                meta.pop(kept, None)
+        if "deletionTimestamp" in meta and not meta.get("finalizers") and rtype.kind != "Pod":
+            return self._remove(rtype, key)
+        meta["resourceVersion"] = self._next_rv()
+        store[key] = new
+        self._record(rtype, "MODIFIED", old, new)
+        return copy.deepcopy(new)
+
+    def apply(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        """Create, or replace whatever is there (no resourceVersion check)."""
+        rtype, new = self._prepare(obj)
+        meta = new["metadata"]
+        if (meta["namespace"], meta["name"]) in self._objects[rtype.plural]:
+            meta.pop("resourceVersion", None)
+            return self.update(new)
+        return self.create(new)
+
+    def patch(self, kind: str, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any]:
+        """JSON merge patch (RFC 7386); ``metadata.deletionTimestamp`` may be set this way too."""
+        rtype = self._rtype(kind)
+        old = self._objects[rtype.plural].get((namespace, name))
+        if old is None:
+            raise ApiError(404, "NotFound", f'{rtype.plural} "{name}" not found')
+        merged = _merge_patch(copy.deepcopy(old), patch)
+        merged["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"]
+        deletion = (patch.get("metadata") or {}).get("deletionTimestamp")
+        if deletion:
+            return self._mark_deleting(rtype, merged, deletion)
+        return self.update(merged)
+
+    def delete(
+        self, kind: str, namespace: str, name: str, *, graceful: bool = False
+    ) -> dict[str, Any] | None:
+        """Delete; with finalizers (or ``graceful`` for pods) only mark ``deletionTimestamp``."""
+        rtype = self._rtype(kind)
+        key = (namespace, name)
+        old = self._objects[rtype.plural].get(key)
+        if old is None:
+            raise ApiError(404, "NotFound", f'{rtype.plural} "{name}" not found')
+        if old["metadata"].get("finalizers") or (graceful and rtype.kind == "Pod"):
+            if "deletionTimestamp" in old["metadata"]:
+                return copy.deepcopy(old)
+            return self._mark_deleting(rtype, copy.deepcopy(old), _now())
+        return self._remove(rtype, key)
+
+    def _mark_deleting(self, rtype: ResourceType, obj: dict[str, Any], when: str) -> dict[str, Any]:
+        key = (obj["metadata"]["namespace"], obj["metadata"]["name"])
+        old = self._objects[rtype.plural][key]
+        obj["metadata"]["deletionTimestamp"] = when
+        if rtype.kind == "Pod":
+            obj["metadata"].setdefault("deletionGracePeriodSeconds", 30)
+        obj["metadata"]["resourceVersion"] = self._next_rv()
+        self._objects[rtype.plural][key] = obj
+        self._record(rtype, "MODIFIED", old, obj)
+        return copy.deepcopy(obj)
+
+    def _remove(self, rtype: ResourceType, key: tuple[str, str]) -> dict[str, Any]:
+        old = self._objects[rtype.plural].pop(key)
+        final = copy.deepcopy(old)
+        final["metadata"]["resourceVersion"] = self._next_rv()
+        self._record(rtype, "DELETED", old, final)
+        return copy.deepcopy(final)
+
+    def _prepare(self, obj: Mapping[str, Any]) -> tuple[ResourceType, dict[str, Any]]:
+        if not isinstance(obj, Mapping):
+            raise ApiError(400, "BadRequest", "object must be a JSON object")
+        new = copy.deepcopy(dict(obj))
+        rtype = self._rtype(str(new.get("kind", "")))
+        new["kind"] = rtype.kind
+        new["apiVersion"] = rtype.api_version
+        meta = new.setdefault("metadata", {})
+        if not isinstance(meta, dict) or not meta.get("name"):
+            raise ApiError(422, "Invalid", f"{rtype.kind}: metadata.name: Required value")
+        meta["namespace"] = meta.get("namespace") or "default"
+        if rtype.kind == "Secret" and "stringData" in new:
+            data = new.setdefault("data", {})
+            for k, v in (new.pop("stringData") or {}).items():
+                data[k] = base64.b64encode(str(v).encode()).decode()
+        return rtype, new
+
+    def load(self, documents: Iterable[Mapping[str, Any]]) -> int:
+        """Apply objects (``List`` kinds are unpacked); returns how many were stored."""
+        count = 0
+        for doc in documents:
+            if not doc:
+                continue
+            if str(doc.get("kind", "")).endswith("List") and "items" in doc:
+                count += self.load(doc["items"])
+            elif doc.get("kind") == "CustomResourceDefinition":
+                continue  # the four kinds are built in
+            else:
+                self.apply(doc)
+                count += 1
+        return count
+
+    def load_yaml(self, text: str) -> int:
+        return self.load(d for d in yaml.safe_load_all(text) if d)
+
+    # --- HTTP --------------------------------------------------------------------------------
+
+    def _routes(self, app: web.Application) -> None:
+        r = app.router
+        r.add_get("/api", self._api_versions)
+        r.add_get("/apis", self._api_groups)
+        r.add_get("/version", self._version)
+        r.add_get("/healthz", self._ok)
+        r.add_get("/readyz", self._ok)
+        r.add_get("/livez", self._ok)
+        r.add_get("/api/v1", self._resource_list_core)
+        r.add_get("/apis/{group}", self._api_group)
+        r.add_get("/apis/{group}/{version}", self._resource_list_group)
+        for prefix in ("/api/{version}", "/apis/{group}/{version}"):
+            r.add_get(prefix + "/{plural}", self._collection)
+            r.add_get(prefix + "/namespaces/{namespace}/{plural}", self._collection)
+            r.add_post(prefix + "/namespaces/{namespace}/{plural}", self._create)
+            r.add_get(prefix + "/namespaces/{namespace}/{plural}/{name}", self._get)
+            r.add_put(prefix + "/namespaces/{namespace}/{plural}/{name}", self._update)
+            r.add_patch(prefix + "/namespaces/{namespace}/{plural}/{name}", self._patch)
+            r.add_delete(prefix + "/namespaces/{namespace}/{plural}/{name}", self._delete)
+
+    @staticmethod
+    def _verb(request: web.Request) -> str:
+        m = request.match_info
+        if "plural" not in m:
+            return "discovery"
+        if request.method != "GET":
+            return "write"
+        if request.query.get("watch") in ("true", "1"):
+            return "watch"
+        return "get" if "name" in m else "list"
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Callable[..., Any]) -> web.StreamResponse:
+        verb = self._verb(request)
+        self.requests.append(
+            RequestRecord(
+                request.method,
+                request.path,
+                dict(request.query),
+                verb,
+                asyncio.get_running_loop().time(),
+                request.headers.get("User-Agent", ""),
+            )
+        )
+        self._touch()
+        try:
+            if self.token is not None and request.headers.get("Authorization") != f"Bearer {self.token}":
+                raise ApiError(401, "Unauthorized", "Unauthorized")
+            if self._failures and verb in self._failures[0].verbs:
+                failure = self._failures.popleft()
+                reason = {429: "TooManyRequests", 503: "ServiceUnavailable"}.get(
+                    failure.status, "InternalError"
+                )
+                raise ApiError(
+                    failure.status,
+                    reason,
+                    f"injected failure ({failure.status})",
+                    retry_after=failure.retry_after,
+                )
+            response: web.StreamResponse = await handler(request)
+            return response
+        except ApiError as exc:
+            return self._status(exc)
+
+    @staticmethod
+    def _status(exc: ApiError) -> web.Response:
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
+        return web.json_response(exc.status(), status=exc.code, headers=headers)
+
+    async def _ok(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def _version(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {"major": "1", "minor": "29", "gitVersion": "v1.29.0-standin", "platform": "linux/amd64"}
+        )
+
+    async def _api_versions(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "kind": "APIVersions",
+                "versions": ["v1"],
+                "serverAddressByClientCIDRs": [
+                    {"clientCIDR": "0.0.0.0/0", "serverAddress": f"{self.host}:{self.port}"}
+                ],
+            }
+        )
+
+    @staticmethod
+    def _group_doc() -> dict[str, Any]:
+        gv = {"groupVersion": f"{CRD_GROUP}/{CRD_VERSION}", "version": CRD_VERSION}
+        return {
+            "kind": "APIGroup",
+            "apiVersion": "v1",
+            "name": CRD_GROUP,
+            "versions": [gv],
+            "preferredVersion": gv,
+        }
+
+    async def _api_groups(self, request: web.Request) -> web.Response:
+        group = self._group_doc()
+        group.pop("kind")
+        group.pop("apiVersion")
+        return web.json_response({"kind": "APIGroupList", "apiVersion": "v1", "groups": [group]})
+
+    async def _api_group(self, request: web.Request) -> web.Response:
+        if request.match_info["group"] != CRD_GROUP:
+            raise ApiError(404, "NotFound", "the server could not find the requested resource")
+        return web.json_response(self._group_doc())
+
+    @staticmethod
+    def _resource_list(group_version: str, types: Iterable[ResourceType]) -> dict[str, Any]:
+        verbs = ["create", "delete", "get", "list", "patch", "update", "watch"]
+        return {
+            "kind": "APIResourceList",
+            "apiVersion": "v1",
+            "groupVersion": group_version,
+            "resources": [
+                {
+                    "name": t.plural,
+                    "singularName": t.singular,
+                    "namespaced": True,
+                    "kind": t.kind,
+                    "verbs": verbs,
+                }
+                for t in types
+            ],
+        }
+
+    async def _resource_list_core(self, request: web.Request) -> web.Response:
+        return web.json_response(self._resource_list("v1", (r for r in RESOURCES if r.core)))
+
+    async def _resource_list_group(self, request: web.Request) -> web.Response:
+        m = request.match_info
+        if m["group"] != CRD_GROUP or m["version"] != CRD_VERSION:
+            raise ApiError(404, "NotFound", "the server could not find the requested resource")
+        return web.json_response(
+            self._resource_list(f"{CRD_GROUP}/{CRD_VERSION}", (r for r in RESOURCES if not r.core))
+        )
+
+    @staticmethod
+    def _resolve(request: web.Request) -> ResourceType:
+        m = request.match_info
+        rtype = BY_PLURAL.get(m["plural"])
+        group = m.get("group", "")
+        if rtype is None or rtype.group != group or rtype.version != m["version"]:
+            raise ApiError(404, "NotFound", "the server could not find the requested resource")
+        return rtype
+
+    def _filter(self, request: web.Request, rtype: ResourceType) -> Filter:
+        q = request.query
+        return Filter(
+            rtype,
+            request.match_info.get("namespace"),
+            parse_label_selector(q.get("labelSelector", "")),
+            parse_field_selector(q.get("fieldSelector", ""), rtype),
+        )
+
+    async def _collection(self, request: web.Request) -> web.StreamResponse:
+        rtype = self._resolve(request)
+        flt = self._filter(request, rtype)
+        if request.query.get("watch") in ("true", "1"):
+            return await self._watch(request, flt)
+        return web.json_response(self._list(request, flt))
+
+    def _list(self, request: web.Request, flt: Filter) -> dict[str, Any]:
+        rtype = flt.rtype
+        q = request.query
+        try:
+            limit = int(q.get("limit", "0") or 0)
+        except ValueError:
+            raise ApiError(400, "BadRequest", "limit must be an integer") from None
+        token = q.get("continue")
+        if token:
+            snap = self._snapshots.get(token)
+            if snap is None or snap[0] < self._compacted_rv:
+                raise ApiError(
+                    410,
+                    "Expired",
+                    "The provided continue parameter is too old to display a consistent list result. "
+                    "You can start a new list without the continue parameter.",
+                )
+            rv, items, offset, flt = snap
+        else:
+            store = self._objects[rtype.plural]
+            rv, offset = self._rv, 0
+            items = [store[k] for k in sorted(store) if flt.matches(store[k])]
+        end = offset + limit if limit > 0 else len(items)
+        meta: dict[str, Any] = {"resourceVersion": str(rv)}
+        if end < len(items):
+            new_token = secrets.token_urlsafe(12)
+            self._snapshots[new_token] = (rv, items, end, flt)
+            while len(self._snapshots) > 256:
+                self._snapshots.pop(next(iter(self._snapshots)))
+            meta["continue"] = new_token
+            meta["remainingItemCount"] = len(items) - end
+        page = items[offset:end]
+        if rtype.core:
+            # The real server omits kind/apiVersion on core list items; clients must cope.
+            page = [{k: v for k, v in o.items() if k not in ("kind", "apiVersion")} for o in page]
+        return {"kind": f"{rtype.kind}List", "apiVersion": rtype.api_version, "metadata": meta, "items": page}
+
+    async def _watch(self, request: web.Request, flt: Filter) -> web.StreamResponse:
+        q = request.query
+        rv_param = q.get("resourceVersion", "")
+        bookmarks = q.get("allowWatchBookmarks") in ("true", "1")
+        try:
+            timeout = float(q.get("timeoutSeconds") or self.default_watch_timeout_s)
+            start_rv = int(rv_param) if rv_param not in ("", "0") else None
+        except ValueError:
+            raise ApiError(400, "BadRequest", "invalid resourceVersion or timeoutSeconds") from None
+        too_old = start_rv is not None and start_rv < self._compacted_rv
+        if too_old and self._gone_as_http:
+            raise ApiError(410, "Expired", f"too old resource version: {start_rv} ({self._compacted_rv})")
+        resp = web.StreamResponse(
+            headers={"Content-Type": "application/json", "Cache-Control": "no-cache, private"}
+        )
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        if too_old:
+            error = ApiError(410, "Expired", f"too old resource version: {start_rv} ({self._compacted_rv})")
+            await resp.write((json.dumps({"type": "ERROR", "object": error.status()}) + "\n").encode())
+            await resp.write_eof()
+            return resp
+        watch = Watch(flt)
+        # Replay and registration happen with no await in between, so no event can fall in a gap.
+        if start_rv is None:
+            store = self._objects[flt.rtype.plural]
+            for key in sorted(store):
+                obj = store[key]
+                if flt.matches(obj):
+                    watch.push(Event(self._rv, flt.rtype.plural, "ADDED", None, obj).line("ADDED"), self._rv)
+        else:
+            for event in self._history:
+                if event.rv > start_rv:
+                    watch.offer(event)
+        self._watches.add(watch)
+        self._touch()
+        try:
+            await self._pump(request, resp, watch, timeout, bookmarks)
+        except ConnectionError:
+            pass  # the client went away mid-write
+        finally:
+            self._watches.discard(watch)
+            self._touch()
+        return resp
+
+    async def _pump(
+        self, request: web.Request, resp: web.StreamResponse, watch: Watch, timeout: float, bookmarks: bool
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        next_bookmark = loop.time() + self.bookmark_interval_s
+        rtype = watch.filter.rtype
+        while True:
+            if watch.closed:
+                self._abort(request)
+                return
+            if watch.stalled:
+                # Silent for good: hold the connection until the client gives up or the server
+                # goes down (stop_listening aborts the connection, which cancels this handler).
+                await asyncio.Event().wait()
+            now = loop.time()
+            if watch.queue and not self._paused:
+                data = b"".join(watch.queue)
+                watch.queue.clear()
+                if self._cut_next > 0:
+                    self._cut_next -= 1
+                    first = data.split(b"\n", 1)[0]
+                    await resp.write(first[: max(1, len(first) // 2)])
+                    if self._cut_clean:
+                        await resp.write_eof()
+                    else:
+                        self._abort(request, graceful=True)
+                    return
+                await resp.write(data)
+                watch.sent_rv = watch.queued_rv
+                self._touch()
+                if watch.end_after_flush:
+                    await resp.write_eof()
+                    return
+                continue
+            if now >= deadline:
+                await resp.write_eof()
+                return
+            if bookmarks and not self._paused and now >= next_bookmark:
+                bookmark = {
+                    "type": "BOOKMARK",
+                    "object": {
+                        "kind": rtype.kind,
+                        "apiVersion": rtype.api_version,
+                        "metadata": {"resourceVersion": str(self._rv)},
+                    },
+                }
+                await resp.write((json.dumps(bookmark) + "\n").encode())
+                watch.sent_rv = self._rv
+                self._touch()
+                next_bookmark = now + self.bookmark_interval_s
+                continue
+            watch.wake.clear()
+            # While paused, only resume_watches (or the deadline) may wake us: no bookmark timer.
+            wait_until = min(deadline, next_bookmark) if bookmarks and not self._paused else deadline
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, wait_until - now)):
+                    await watch.wake.wait()
+
+    @staticmethod
+    def _abort(request: web.Request, *, graceful: bool = False) -> None:
+        transport = request.transport
+        if transport is not None:
+            # close() flushes what was written (the half line) first; abort() drops it too.
+            transport.close() if graceful else transport.abort()
+
+    async def _get(self, request: web.Request) -> web.Response:
+        rtype = self._resolve(request)
+        m = request.match_info
+        obj = self._objects[rtype.plural].get((m["namespace"], m["name"]))
+        if obj is None:
+            raise ApiError(404, "NotFound", f'{rtype.plural} "{m["name"]}" not found')
+        return web.json_response(obj)
+
+    async def _body(self, request: web.Request) -> dict[str, Any]:
+        try:
+            body = await request.json()
+        except ValueError:
+            raise ApiError(400, "BadRequest", "body is not JSON") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "BadRequest", "body must be an object")
+        return body
+
+    def _check_target(self, request: web.Request, rtype: ResourceType, body: dict[str, Any]) -> None:
+        body.setdefault("kind", rtype.kind)
+        if body["kind"] != rtype.kind:
+            raise ApiError(400, "BadRequest", f"kind {body['kind']} does not match {rtype.plural}")
+        meta = body.setdefault("metadata", {})
+        meta.setdefault("namespace", request.match_info["namespace"])
+        if meta["namespace"] != request.match_info["namespace"]:
+            raise ApiError(400, "BadRequest", "the namespace of the object does not match the request")
+        if "name" in request.match_info:
+            meta.setdefault("name", request.match_info["name"])
+            if meta["name"] != request.match_info["name"]:
+                raise ApiError(400, "BadRequest", "the name of the object does not match the request")
+
+    async def _create(self, request: web.Request) -> web.Response:
+        rtype = self._resolve(request)
+        body = await self._body(request)
+        self._check_target(request, rtype, body)
+        return web.json_response(self.create(body), status=201)
+
+    async def _update(self, request: web.Request) -> web.Response:
+        rtype = self._resolve(request)
+        body = await self._body(request)
+        self._check_target(request, rtype, body)
+        return web.json_response(self.update(body))
+
+    async def _patch(self, request: web.Request) -> web.Response:
+        rtype = self._resolve(request)
+        if request.content_type not in (
+            "application/merge-patch+json",
+            "application/strategic-merge-patch+json",
+        ):
+            raise ApiError(
+                415,
+                "UnsupportedMediaType",
+                f"the body of the request was in an unknown format: {request.content_type}",
+            )
+        body = await self._body(request)
+        m = request.match_info
+        if "deletionTimestamp" in (body.get("metadata") or {}):
+            raise ApiError(422, "Invalid", "metadata.deletionTimestamp: field is immutable")
+        return web.json_response(self.patch(rtype.plural, m["namespace"], m["name"], body))
+
+    async def _delete(self, request: web.Request) -> web.Response:
+        rtype = self._resolve(request)
+        m = request.match_info
+        result = self.delete(rtype.plural, m["namespace"], m["name"], graceful=rtype.kind == "Pod")
+        return web.json_response(result)
+
+
+def _merge_patch(target: Any, patch: Any) -> Any:
+    if not isinstance(patch, Mapping):
+        return copy.deepcopy(patch)
+    if not isinstance(target, dict):
+        target = {}
+    for key, value in patch.items():
+        if value is None:
+            target.pop(key, None)
+        else:
+            target[key] = _merge_patch(target.get(key), value)
+    return target
+
+
+# --- object builders (tests, benchmark, demo) ------------------------------------------------
+
+_ip_counter = itertools.count(1)
+
+
+def pod(
+    name: str,
+    *,
+    namespace: str = "default",
+    node: str = "node-a",
+    ip: str | None = None,
+    phase: str = "Running",
+    labels: Mapping[str, str] | None = None,
+    host_network: bool = False,
+) -> dict[str, Any]:
+    if ip is None:
+        n = next(_ip_counter)
+        ip = f"10.244.{(n >> 8) & 255}.{n & 255}"
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace, "labels": dict(labels or {})},
+        "spec": {
+            "nodeName": node,
+            "hostNetwork": host_network,
+            "containers": [{"name": "app", "image": "app"}],
+        },
+        "status": {"phase": phase, "podIP": ip},
+    }
+
+
+def azure_identity(
+    name: str,
+    *,
+    namespace: str = "default",
+    client_id: str = "00000000-0000-0000-0000-000000000001",
+    id_type: int = 0,
+    resource_id: str | None = None,
+    secret: tuple[str, str] | None = None,
+    tenant_id: str = "",
+) -> dict[str, Any]:
+    spec: dict[str, Any] = {"type": id_type, "clientID": client_id}
+    if id_type == 0:
+        spec["resourceID"] = resource_id or (
+            "/subscriptions/11111111-1111-1111-1111-111111111111/resourcegroups/rg/providers/"
+            f"Microsoft.ManagedIdentity/userAssignedIdentities/{name}"
+        )
+    if secret is not None:
+        spec["clientPassword"] = {"namespace": secret[0], "name": secret[1]}
+    if tenant_id:
+        spec["tenantID"] = tenant_id
+    return {
+        "apiVersion": f"{CRD_GROUP}/{CRD_VERSION}",
+        "kind": "AzureIdentity",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": spec,
+    }
+
+
+def binding(name: str, identity: str, selector: str, *, namespace: str = "default") -> dict[str, Any]:
+    return {
+        "apiVersion": f"{CRD_GROUP}/{CRD_VERSION}",
+        "kind": "AzureIdentityBinding",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"azureIdentity": identity, "selector": selector},
+    }
+
+
+def assigned_identity(
+    pod_name: str,
+    identity: Mapping[str, Any],
+    *,
+    pod_namespace: str = "default",
+    node: str = "node-a",
+    state: str = "Assigned",
+    namespace: str = "default",
+) -> dict[str, Any]:
+    id_meta = identity["metadata"]
+    return {
+        "apiVersion": f"{CRD_GROUP}/{CRD_VERSION}",
+        "kind": "AzureAssignedIdentity",
+        "metadata": {
+            "name": f"{pod_name}-{pod_namespace}-{id_meta['name']}",
+            "namespace": namespace,
+            "labels": {"nodename": node},
+            "finalizers": ["azureassignedidentity.finalizers.aadpodidentity.k8s.io"],
+        },
+        "spec": {
+            "azureIdentityRef": copy.deepcopy(dict(identity)),
+            "pod": pod_name,
+            "podNamespace": pod_namespace,
+            "nodename": node,
+        },
+        "status": {"status": state, "availableReplicas": 1},
+    }
+
+
+def exception(name: str, pod_labels: Mapping[str, str], *, namespace: str = "default") -> dict[str, Any]:
+    return {
+        "apiVersion": f"{CRD_GROUP}/{CRD_VERSION}",
+        "kind": "AzurePodIdentityException",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"podLabels": dict(pod_labels)},
+    }
+
+
+def secret(name: str, data: Mapping[str, str], *, namespace: str = "default") -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": name, "namespace": namespace},
+        "type": "Opaque",
+        "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()},
+    }
+
+
+# --- CLI -------------------------------------------------------------------------------------
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    server = FakeApiServer(
+        host=args.host,
+        port=args.port,
+        tls=args.tls,
+        token=args.token,
+        bookmark_interval_s=args.bookmark_interval,
+    )
+    for path in args.load or ():
+        count = server.load_yaml(await asyncio.to_thread(Path(path).read_text))
+        log.info("loaded %d objects from %s", count, path)
+    await server.start()
+    if args.kubeconfig:
+        server.write_kubeconfig(args.kubeconfig)
+        log.info("kubeconfig written to %s", args.kubeconfig)
+    print(f"API server stand-in listening on {server.url}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m standins.apiserver", description=__doc__.split("\n")[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=6443)
+    parser.add_argument("--load", action="append", metavar="FILE.yaml", help="objects to create (repeatable)")
+    parser.add_argument("--tls", action="store_true", help="serve HTTPS with a throw-away trustme CA")
+    parser.add_argument("--token", help="require this bearer token")
+    parser.add_argument("--kubeconfig", help="write a kubeconfig for this server here")
+    parser.add_argument("--bookmark-interval", type=float, default=60.0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(_serve(args))
+
+
+if __name__ == "__main__":
+    main()
