@@ -27,6 +27,7 @@ from nmi.cluster_file import ClusterStateFile
 from nmi.errors import ConfigError, UpstreamUnavailable
 from nmi.handlers import NmiHandler
 from nmi.http.server import HttpServer
+from nmi.kube.settings import KubeSettings
 from nmi.logs import AuditLog, configure
 from nmi.metrics import Metrics
 from nmi.model import IdentityType, ObjectKey, Pod, Secret
@@ -53,8 +54,15 @@ def user_agent(settings: Settings) -> str:
 class App:
     """One NMI process. ``start`` and ``stop`` are separate so tests can drive it in-process."""
 
-    def __init__(self, settings: Settings, *, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        registry: CollectorRegistry | None = None,
+        kube_settings: KubeSettings | None = None,  # None: defaults; tests shrink timeouts
+    ) -> None:
         self.settings = settings
+        self._kube_settings = kube_settings
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry)
         self.state = ClusterState()
@@ -126,7 +134,11 @@ class App:
         from nmi.kube.caches import KubeSource
 
         self._kube = KubeSource(
-            self.settings, self.state, self.metrics, on_pod_added=self.warmup.on_pod_added
+            self.settings,
+            self.state,
+            self.metrics,
+            on_pod_added=self.warmup.on_pod_added,
+            kube=self._kube_settings,
         )
 
     def _spawn(self, coro: Awaitable[Any], name: str) -> None:
@@ -147,7 +159,7 @@ class App:
             Check("cluster_state", lambda: self.state.synced, lambda: self.state.sources()),
         ]
         if self._kube is not None:
-            checks.append(Check("watches", lambda: self._kube.ready, lambda: self._kube.health(), True))
+            checks.append(Check("watches", self._watches_ok, lambda: self._kube.health(), True))
         if self._reconciler is not None:
             checks.append(
                 Check(
@@ -157,6 +169,19 @@ class App:
                 )
             )
         return checks
+
+    def _watches_ok(self) -> bool:
+        """Every cache listed once and none broken for longer than the threshold.
+
+        A broken watch makes the node not ready but keeps it alive: tokens are still served
+        from the last good state, and a restart would only lose that state.
+        """
+        threshold = self.settings.cluster.watch_broken_threshold_s
+        if not self._kube.ready:
+            return False
+        return all(
+            h["broken_since"] is None or h["broken_since"] < threshold for h in self._kube.health().values()
+        )
 
     # --- lifecycle ------------------------------------------------------------------------
 

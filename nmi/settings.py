@@ -116,6 +116,8 @@ class ClusterSettings:
     cluster_state_poll_s: float = 1.0
     kubeconfig: str | None = None
     enable_scale_features: bool = True
+    watch_broken_threshold_s: float = 30.0
+    """A watch failing this long makes ``/readyz`` say not ready (tokens keep being served)."""
 
 
 @dataclass(frozen=True, slots=True)
