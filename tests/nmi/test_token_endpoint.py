@@ -193,7 +193,7 @@ async def test_identity_never_assigned_is_refused_after_the_bound(make_node) -> 
 
 async def test_client_disconnect_cancels_the_wait(make_node) -> None:
     node = await make_node(identity={"pod_wait_timeout_s": 30})
-    reader, writer = await asyncio.open_connection("127.0.0.1", node.port, local_addr=("127.0.0.98", 0))
+    _, writer = await asyncio.open_connection("127.0.0.1", node.port, local_addr=("127.0.0.98", 0))
     writer.write(f"GET {token_path()} HTTP/1.1\r\nHost: x\r\nMetadata: true\r\n\r\n".encode())
     await writer.drain()
 
