@@ -26,7 +26,8 @@ from nmi.resolver import Deny, Grant, IdentityQuery, PassThrough
 from nmi.routing import Route, classify
 from nmi.service import TokenService
 from nmi.settings import Settings
-from nmi.tokens.model import Token
+from nmi.tokens.model import Token, TokenRequest
+from nmi.tokens.policy import CacheKey, cache_key
 
 Headers = tuple[tuple[bytes, bytes], ...]
 JSON: Headers = ((b"content-type", b"application/json; charset=utf-8"),)
@@ -57,6 +58,31 @@ KNOWN_RESOURCES = frozenset(
 )
 
 Outcome = Response | Awaitable[Response]
+MAX_MEMOS = 4096
+
+
+class GrantMemo:
+    """A granted (caller, query) pair, valid while the cluster state is unchanged.
+
+    A grant is a pure function of the cluster state and the query (only denials and waits depend
+    on time), so re-using it while ``ClusterState.version`` is unchanged is the same check as
+    deciding again. The token is still looked up on every request, and its rendering is kept
+    only while ``expires_in`` would render the same.
+    """
+
+    __slots__ = ("audit", "key", "op_child", "remaining", "req_child", "response", "token", "version")
+
+    def __init__(
+        self, version: int, key: CacheKey, audit: dict[str, Any], req_child: Any, op_child: Any
+    ) -> None:
+        self.version = version
+        self.key = key
+        self.audit = audit
+        self.req_child = req_child
+        self.op_child = op_child
+        self.token: Token | None = None
+        self.remaining = -1
+        self.response: Response | None = None
 
 
 def error_body(error: str, description: str) -> bytes:
@@ -119,12 +145,16 @@ class NmiHandler:
         self._identity = settings.identity
         self._api_version = settings.upstream.api_version
         self._service = service
+        # Held directly: the memo check runs on every request.
+        self._state = service.state
+        self._cache = service.cache
         self._proxy = proxy
         self._metrics = metrics
         self._audit = audit
         self._clock = clock
         self._children: dict[tuple[str, ...], Any] = {}
         self._granted = metrics.decisions.labels("granted")
+        self._memos: dict[tuple[str, str], GrantMemo] = {}
         self._passed = metrics.decisions.labels("pass_through")
 
     def __call__(self, request: Request) -> Outcome:
@@ -180,6 +210,11 @@ class NmiHandler:
     def _token(self, request: Request) -> Outcome:
         if not self._metadata_ok(request):
             return self._observe_token(request, TOKEN_OPERATION, MISSING_METADATA, "", "")
+        memo = self._memos.get((request.peer_ip, request.query))
+        if memo is not None and memo.version == self._state.version:
+            token = self._cache.peek_key(memo.key)
+            if token is not None:
+                return self._memo_response(request, memo, token)
         params = parse_query(request.query)
         resource = params.get("resource", "")
         if not resource:
@@ -204,7 +239,8 @@ class NmiHandler:
                     token_request = self._service.request_for(decision.identity, resource, api_version)
                     token = self._service.cached(token_request)
                     if token is not None:
-                        return self._granted_response(request, pod, decision, resource, token)
+                        memo = self._memo(request, pod, decision, resource, token_request)
+                        return self._memo_response(request, memo, token)
                 elif isinstance(decision, Deny):
                     raise self._service.denied(pod, decision)
         except NmiError as exc:
@@ -231,17 +267,52 @@ class NmiHandler:
         except NmiError as exc:
             return self._failed(request, exc, pod=pod, resource=resource)
 
+    def _memo(
+        self, request: Request, pod: Pod, decision: Grant, resource: str, token_request: TokenRequest
+    ) -> GrantMemo:
+        if len(self._memos) >= MAX_MEMOS:
+            self._memos.clear()
+        memo = GrantMemo(
+            self._state.version,
+            cache_key(token_request),
+            self._grant_audit(pod, decision, resource),
+            self._child(self._metrics.requests, "token", "200"),
+            self._child(
+                self._metrics.nmi_operations, TOKEN_OPERATION, "200", pod.namespace, resource_label(resource)
+            ),
+        )
+        self._memos[request.peer_ip, request.query] = memo
+        return memo
+
+    def _memo_response(self, request: Request, memo: GrantMemo, token: Token) -> Response:
+        now = self._clock()
+        remaining = int(token.expires_on - now)
+        response = memo.response
+        if response is None or memo.token is not token or memo.remaining != remaining:
+            response = memo.response = Response(200, token.render(now), JSON)
+            memo.token = token
+            memo.remaining = remaining
+        self._granted.inc()
+        self._audit.record_fields("granted", memo.audit)
+        elapsed = asyncio.get_running_loop().time() - request.received_at
+        memo.req_child.observe(elapsed)
+        memo.op_child.observe(elapsed)
+        return response
+
+    @staticmethod
+    def _grant_audit(pod: Pod, decision: Grant, resource: str) -> dict[str, Any]:
+        return {
+            "pod": f"{pod.namespace}/{pod.name}",
+            "identity": f"{decision.identity.namespace}/{decision.identity.name}",
+            "client_id": redact(decision.identity.client_id),
+            "resource": resource,
+        }
+
     def _granted_response(
         self, request: Request, pod: Pod, decision: Grant, resource: str, token: Token
     ) -> Response:
         self._granted.inc()
-        self._audit.record(
-            "granted",
-            pod=f"{pod.namespace}/{pod.name}",
-            identity=f"{decision.identity.namespace}/{decision.identity.name}",
-            client_id=redact(decision.identity.client_id),
-            resource=resource,
-        )
+        self._audit.record_fields("granted", self._grant_audit(pod, decision, resource))
         response = Response(200, token.render(self._clock()), JSON)
         return self._observe_token(request, TOKEN_OPERATION, response, pod.namespace, resource)
 

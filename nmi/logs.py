@@ -82,6 +82,12 @@ class AuditLog:
         self.suppressed = 0
 
     def record(self, decision: str, **fields: Any) -> bool:
+        return self.record_fields(decision, fields)
+
+    def record_fields(self, decision: str, fields: dict[str, Any]) -> bool:
+        """Write one audit line unless over budget; ``fields`` is not modified."""
+        if not self._logger.isEnabledFor(logging.INFO):
+            return False
         now = self._clock()
         self._allowance = min(self._rate, self._allowance + (now - self._last) * self._rate)
         self._last = now
@@ -90,9 +96,9 @@ class AuditLog:
             return False
         self._allowance -= 1.0
         if self.suppressed:
-            self._logger.warning(
-                "audit lines suppressed by rate limit", extra={"suppressed": self.suppressed}
-            )
+            # Carried on the next line that gets through, so a flood adds no lines of its own.
+            self._logger.info(decision, extra={**fields, "suppressed_before": self.suppressed})
             self.suppressed = 0
-        self._logger.info(decision, extra=fields)
+        else:
+            self._logger.info(decision, extra=fields)
         return True

@@ -1,6 +1,7 @@
 """Prometheus metrics: aad-pod-identity's names (nmi-spec §6) with bounded labels, plus our own.
 
 One ``Metrics`` object per process, built on an injected registry so tests use a fresh one.
+The metrics touched on every request are the light kind of ``_fastmetrics``.
 Label values are drawn from small fixed sets (route names, status codes, operation names);
 raw paths, resources and client IDs never become labels.
 """
@@ -10,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from nmi._fastmetrics import LightCounter, LightHistogram
 
 PREFIX = "aadpodidentity_"
 NMI_BUCKETS = (0.5, 1, 2, 3, 4, 5, 10, 15, 20, 25, 30, 40, 50, 60, 70, 80, 90, 100)
@@ -25,7 +28,7 @@ OP_AAD = "adal_token"
 class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        self.nmi_operations = Histogram(
+        self.nmi_operations = LightHistogram(
             PREFIX + "nmi_operations_duration_seconds",
             "Duration of NMI token operations",
             ["operation_type", "status_code", "namespace", "resource"],
@@ -51,14 +54,14 @@ class Metrics:
             ["operation_type"],
             registry=registry,
         )
-        self.requests = Histogram(
+        self.requests = LightHistogram(
             "nmi_http_request_duration_seconds",
             "Time from a complete request to its response, by route and status",
             ["route", "status_code"],
             buckets=REQUEST_BUCKETS,
             registry=registry,
         )
-        self.token_cache = Counter(
+        self.token_cache = LightCounter(
             "nmi_token_cache_requests",
             "Token cache lookups by result (hit, miss, stale)",
             ["result"],
@@ -81,7 +84,7 @@ class Metrics:
             ["reason"],
             registry=registry,
         )
-        self.decisions = Counter(
+        self.decisions = LightCounter(
             "nmi_identity_decisions",
             "Identity decisions by outcome",
             ["outcome"],

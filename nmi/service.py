@@ -47,6 +47,8 @@ class TokenService:
         self._identity = settings.identity
         self._state = state
         self._cache = cache
+        self.state = state
+        self.cache = cache
         self._sources = sources
         self._metrics = metrics
         self._clock = clock

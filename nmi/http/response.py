@@ -56,7 +56,7 @@ class Response:
     Headers are validated here, so an unsafe value fails where it is built, not on the wire.
     """
 
-    __slots__ = ("body", "close", "headers", "status")
+    __slots__ = ("_wire", "_wire_defaults", "body", "close", "headers", "status")
 
     def __init__(
         self,
@@ -71,6 +71,10 @@ class Response:
         self.body = body
         self.headers = validate_headers(headers)
         self.close = close
+        # The common keep-alive rendering, kept while the Server/Date lines are the same object:
+        # a shared response (a cached token, a canned error) is then rendered once per second.
+        self._wire = b""
+        self._wire_defaults: bytes | None = None
 
     def __repr__(self) -> str:
         return f"Response({self.status}, {len(self.body)} bytes, close={self.close})"
@@ -113,6 +117,17 @@ def default_headers(server_name: bytes, now: float) -> bytes:
 
 def render(response: Response, defaults: bytes, *, keep_alive: bool, http10: bool, head: bool) -> bytes:
     """The whole response as one buffer, so it goes out in a single ``transport.write``."""
+    if keep_alive and not http10 and not head:
+        if response._wire_defaults is defaults:
+            return response._wire
+        data = _render(response, defaults, keep_alive=True, http10=False, head=False)
+        response._wire = data
+        response._wire_defaults = defaults
+        return data
+    return _render(response, defaults, keep_alive=keep_alive, http10=http10, head=head)
+
+
+def _render(response: Response, defaults: bytes, *, keep_alive: bool, http10: bool, head: bool) -> bytes:
     status = response.status
     body = response.body
     parts = [STATUS_LINES[status], defaults]

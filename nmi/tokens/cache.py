@@ -160,7 +160,11 @@ class TokenCache:
 
     def peek(self, request: TokenRequest) -> Token | None:
         """The cached token if servable now, else ``None``; never awaits (the handler's fast path)."""
-        token = self._serve(cache_key(request), True)
+        return self.peek_key(cache_key(request))
+
+    def peek_key(self, key: CacheKey) -> Token | None:
+        """``peek`` for a key the caller kept from an earlier request."""
+        token = self._serve(key, True)
         if token is not None:
             self._m_hit.inc()
         return token

@@ -1,0 +1,678 @@
+"""Service-principal tokens (identity types 1 and 2) from Azure AD through MSAL (nmi-spec §3.5).
+
+Shape of one ``fetch``:
+
+1. the identity's secret is read through the injected reader (a failure is 503 and counts
+   ``kubernetes_api_operations_errors_count{operation_type="get_secret"}``), refused if it lies outside the
+   identity's namespace unless that is allowed (nmi-spec §9.2);
+2. its fingerprint picks the ``msal.ConfidentialClientApplication`` for (authority, client ID, credential).
+   A new fingerprint for an identity means the secret was rotated: the old application is dropped and
+   ``on_credentials_changed(identity)`` fires, so the token cache in front can drop what it holds for it;
+3. ``acquire_token_for_client`` runs in the source's own bounded thread pool (MSAL is synchronous and must
+   never run on the event loop); the caller's deadline bounds the wait, a thread that outlives it has its
+   result discarded, and its HTTP calls were given no more than the time that was left.
+
+MSAL is used exactly as against a sovereign or private cloud: the authority is ``spec.adEndpoint`` plus the
+tenant; for hosts that are not Microsoft's, authority validation and instance discovery are off; the TLS
+trust store is a CA bundle given to our own ``requests`` session (never the process environment).
+
+Two MSAL caches are bypassed on purpose, because the NMI token cache sits in front of this source and owns
+freshness and retry policy:
+
+* its token cache: the client's tokens are removed before each acquisition, so every ``fetch`` returns a
+  token fresh from Azure AD (a proactive refresh must not get back the same about-to-expire token);
+* its HTTP throttling cache, which replays 429/5xx answers for their Retry-After (5 s by default) and 400
+  answers for 60 s without touching the network: a fixed app registration would keep failing for a minute
+  and metrics would count replays as upstream calls. It is given a mapping that stores nothing.
+
+Resources become v2 scopes as ``<resource>/.default``, with one trailing slash dropped first:
+``https://management.azure.com/`` → ``https://management.azure.com/.default``. Azure AD maps that scope back
+to the same application as the v1 ``resource`` the original sent. A resource that already ends in
+``/.default`` is passed as is.
+
+Errors: an Azure AD refusal becomes ``UpstreamRefused`` (403) carrying Azure AD's ``error`` and the first line
+of its description (the AADSTS code and text; never trace IDs, never credential material), with the upstream
+status. Transport failures, timeouts and 5xx are ``UpstreamUnavailable`` (503). A 429 is retried after its
+Retry-After while the deadline allows, else ``UpstreamUnavailable(retry_after=...)``.
+
+Auxiliary tenants: the IMDS-shaped answer is one token, for the primary tenant. A caller may opt into a
+token from one of ``spec.auxiliaryTenantIDs`` with ``fetch(..., tenant_id=...)``; a tenant not listed there
+is a 400.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import email.utils
+import http.cookiejar
+import json
+import logging
+import math
+import re
+import threading
+import time
+import urllib.parse
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import msal
+import requests
+from requests.adapters import HTTPAdapter
+
+from nmi.errors import BadRequest, NmiError, UpstreamRefused, UpstreamUnavailable
+from nmi.metrics import OP_AAD, Metrics
+from nmi.model import AzureIdentity, IdentityType, ObjectKey, Secret
+from nmi.tokens.credentials import (
+    CertificateCredential,
+    ClientSecretCredential,
+    CredentialError,
+    check_secret_namespace,
+    credential_fingerprint,
+    load_credential,
+    sign_client_assertion,
+)
+from nmi.tokens.model import Token, TokenRequest
+
+log = logging.getLogger(__name__)
+
+SecretReader = Callable[[str, str], Awaitable[Secret]]
+"""``(namespace, name) -> Secret``; raises on any failure."""
+CredentialsChanged = Callable[[AzureIdentity], None]
+
+MICROSOFT_AUTHORITY_HOSTS = frozenset(
+    {
+        "login.microsoftonline.com",
+        "login.microsoft.com",
+        "login.windows.net",
+        "sts.windows.net",
+        "login.microsoftonline.us",
+        "login-us.microsoftonline.com",
+        "login.usgovcloudapi.net",
+        "login.chinacloudapi.cn",
+        "login.partner.microsoftonline.cn",
+        "login.microsoftonline.de",
+    }
+)
+"""Hosts MSAL may validate through Microsoft's instance discovery; any other is a private authority."""
+
+MAX_THROTTLE_RETRIES = 3
+DEFAULT_RETRY_AFTER_S = 5.0
+"""When a 429 names no delay: MSAL's own default for confidential clients."""
+MAX_RETRY_AFTER_S = 3600.0
+MAX_APPS = 1024
+"""MSAL applications kept; the least recently used beyond this are dropped (and rebuilt on demand)."""
+_DESCRIPTION_MAX = 400
+_SHUT_DOWN = "the Azure AD token source is shut down"
+_T = TypeVar("_T")
+_ERROR_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def resource_to_scope(resource: str) -> str:
+    """The v2 scope for a v1 resource: ``https://x/`` and ``https://x`` both give ``https://x/.default``."""
+    if resource.endswith("/.default"):
+        return resource
+    base = resource[:-1] if resource.endswith("/") else resource
+    return f"{base}/.default"
+
+
+class MsalTokenSource:
+    """A ``TokenSource`` for service principals (identity types 1 and 2)."""
+
+    def __init__(
+        self,
+        secret_reader: SecretReader,
+        metrics: Metrics,
+        *,
+        executor_workers: int = 4,
+        ca_bundle: str | None = None,
+        allow_cross_namespace_secrets: bool = False,
+        default_authority_host: str = "https://login.microsoftonline.com/",
+        clock: Callable[[], float] = time.time,
+        http_timeout_s: float = 10.0,
+        on_credentials_changed: CredentialsChanged | None = None,
+    ) -> None:
+        self._read_secret = secret_reader
+        self._allow_cross_namespace = allow_cross_namespace_secrets
+        self._default_authority_host = default_authority_host
+        self._clock = clock
+        self._http_timeout_s = http_timeout_s
+        self.on_credentials_changed = on_credentials_changed
+        """Called on the event loop when an identity's secret material changed since its last fetch.
+
+        Meant for the token cache: drop every token held for that identity, since they were minted with
+        credentials that have since been replaced (possibly because they leaked). Settable after
+        construction, since the cache is usually built after its sources. Exceptions are logged, not raised.
+        """
+        self._executor = ThreadPoolExecutor(max_workers=executor_workers, thread_name_prefix="nmi-msal")
+        self._http = _HttpClient(
+            _session(executor_workers), verify=ca_bundle or True, timeout_s=http_timeout_s
+        )
+        self._apps: collections.OrderedDict[_AppKey, _App] = collections.OrderedDict()
+        self._building: dict[_AppKey, asyncio.Future[_App]] = {}
+        self._fingerprints: dict[ObjectKey, str] = {}
+        self._closed = False
+        # Label children resolved once: each .labels() call takes a lock and allocates.
+        self._m_duration = metrics.imds_operations.labels(operation_type=OP_AAD)
+        self._m_errors = metrics.imds_errors.labels(operation_type=OP_AAD)
+        self._m_secret_errors = metrics.kube_errors.labels(operation_type="get_secret")
+        self._m_throttled = metrics.upstream_retries.labels(reason="throttled")
+
+    # ------------------------------------------------------------------ public
+
+    async def fetch(self, request: TokenRequest, *, deadline: float, tenant_id: str | None = None) -> Token:
+        """A fresh token for ``request.identity`` (type 1 or 2), or ``tenant_id`` if an auxiliary tenant."""
+        if self._closed:
+            raise UpstreamUnavailable(_SHUT_DOWN)
+        identity = request.identity
+        if identity is None or identity.type not in (
+            IdentityType.SERVICE_PRINCIPAL,
+            IdentityType.SERVICE_PRINCIPAL_CERTIFICATE,
+        ):
+            kind = "none" if identity is None else str(int(identity.type))
+            raise UpstreamUnavailable(
+                f"unsupported identity type {kind} for Azure AD service-principal tokens"
+            )
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        tenant = self._tenant(identity, tenant_id)
+        authority = self._authority(identity, tenant)
+        secret = await self._secret(identity, deadline)
+        try:
+            fingerprint = credential_fingerprint(identity, secret)
+        except CredentialError as exc:
+            raise UpstreamUnavailable(str(exc)) from None
+        self._note_fingerprint(identity, fingerprint)
+        try:
+            key = _AppKey(authority, identity.client_id_folded, fingerprint)
+            app = await self._app(identity, secret, key, deadline)
+            token = await self._acquire(identity, app, request.resource, deadline)
+        except (UpstreamRefused, UpstreamUnavailable):
+            self._m_errors.inc()
+            raise
+        self._m_duration.observe(loop.time() - started)
+        return token
+
+    def forget(self, identity: AzureIdentity) -> None:
+        """Drop what is held for a deleted identity (its fingerprint; its apps unless shared)."""
+        fingerprint = self._fingerprints.pop(identity.key, None)
+        if fingerprint is not None and fingerprint not in self._fingerprints.values():
+            self._drop_apps(identity.client_id_folded, fingerprint)
+
+    def close(self) -> None:
+        """Stop the worker threads; calls still running finish on their own and are discarded."""
+        if self._closed:
+            return
+        self._closed = True
+        self._apps.clear()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._http.close_session()
+
+    # ----------------------------------------------------------- identity bits
+
+    def _tenant(self, identity: AzureIdentity, tenant_id: str | None) -> str:
+        if tenant_id is None or tenant_id.casefold() == identity.tenant_id.casefold():
+            if not identity.tenant_id:
+                raise UpstreamUnavailable(
+                    f"AzureIdentity {identity.key}: spec.tenantID is required for service principals"
+                )
+            return identity.tenant_id
+        for aux in identity.auxiliary_tenant_ids:
+            if aux.casefold() == tenant_id.casefold():
+                return aux
+        raise BadRequest(f"tenant {tenant_id!r} is not among the identity's auxiliaryTenantIDs")
+
+    def _authority(self, identity: AzureIdentity, tenant: str) -> str:
+        host = identity.ad_endpoint or self._default_authority_host
+        parsed = urllib.parse.urlsplit(host)
+        if parsed.scheme != "https" or not parsed.hostname:
+            raise UpstreamUnavailable(f"AzureIdentity {identity.key}: spec.adEndpoint must be an https URL")
+        if "/" in tenant or not tenant.strip():
+            raise UpstreamUnavailable(f"AzureIdentity {identity.key}: tenant {tenant!r} is not a tenant ID")
+        return host.rstrip("/") + "/" + tenant
+
+    async def _secret(self, identity: AzureIdentity, deadline: float) -> Secret:
+        try:
+            ref = check_secret_namespace(identity, self._allow_cross_namespace)
+        except CredentialError as exc:
+            raise UpstreamUnavailable(str(exc)) from None
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await self._read_secret(ref.namespace, ref.name)
+        except TimeoutError:
+            self._m_secret_errors.inc()
+            raise UpstreamUnavailable(
+                f"failed to get Kubernetes secret {ref.namespace}/{ref.name}: timed out"
+            ) from None
+        except Exception as exc:
+            self._m_secret_errors.inc()
+            reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            raise UpstreamUnavailable(
+                f"failed to get Kubernetes secret {ref.namespace}/{ref.name}: {reason}"
+            ) from None
+
+    def _note_fingerprint(self, identity: AzureIdentity, fingerprint: str) -> None:
+        previous = self._fingerprints.get(identity.key)
+        self._fingerprints[identity.key] = fingerprint
+        if previous is None or previous == fingerprint:
+            return
+        log.info("credentials of AzureIdentity %s changed; dropping its Azure AD client", identity.key)
+        if previous not in self._fingerprints.values():
+            self._drop_apps(identity.client_id_folded, previous)
+        hook = self.on_credentials_changed
+        if hook is not None:
+            try:
+                hook(identity)
+            except Exception:
+                log.exception("on_credentials_changed failed for AzureIdentity %s", identity.key)
+
+    def _drop_apps(self, client_id_folded: str, fingerprint: str) -> None:
+        for key in [
+            k for k in self._apps if k.client_id == client_id_folded and k.fingerprint == fingerprint
+        ]:
+            del self._apps[key]
+
+    # ---------------------------------------------------------------- MSAL app
+
+    async def _app(self, identity: AzureIdentity, secret: Secret, key: _AppKey, deadline: float) -> _App:
+        app = self._apps.get(key)
+        if app is not None:
+            self._apps.move_to_end(key)
+            return app
+        building = self._building.get(key)
+        if building is None:
+            building = self._submit(self._build_app, identity, secret, key)
+            self._building[key] = building
+            building.add_done_callback(lambda done: self._built(key, done))
+        try:
+            # Shielded: the build is shared by everyone waiting for this key, and is worth finishing (and
+            # caching) even if this caller gives up.
+            async with asyncio.timeout_at(deadline):
+                return await asyncio.shield(building)
+        except TimeoutError:
+            raise UpstreamUnavailable("Azure AD did not answer in time (authority discovery)") from None
+        except asyncio.CancelledError:
+            self._raise_if_shut_down()
+            raise
+        except NmiError:
+            raise
+        except CredentialError as exc:
+            raise UpstreamUnavailable(str(exc)) from None
+        except Exception as exc:
+            raise _failure(exc, self._http.answer_of(exc), ()) from None
+
+    def _built(self, key: _AppKey, done: asyncio.Future[_App]) -> None:
+        self._building.pop(key, None)
+        if done.cancelled() or done.exception() is not None or self._closed:
+            return  # The exception reached the waiters through the shield; this marks it retrieved.
+        self._apps[key] = done.result()
+        while len(self._apps) > MAX_APPS:
+            self._apps.popitem(last=False)
+
+    def _build_app(self, identity: AzureIdentity, secret: Secret, key: _AppKey) -> _App:
+        """In a worker thread: parse the credential and build (and so discover) the MSAL application.
+
+        Decoding an RSA PKCS#12 holds the GIL ~40 ms (cryptography validates the key and offers no way to
+        skip that for PKCS#12), so the event loop stalls that long once per new credential, not per token.
+        """
+        credential = load_credential(identity, secret)
+        client_credential: Any
+        redact: tuple[str, ...] = ()
+        if isinstance(credential, ClientSecretCredential):
+            client_credential = credential.secret
+            redact = (credential.secret,)
+        else:
+            # The assertion is ours, not MSAL's certificate support, for two reasons: MSAL cannot sign with EC
+            # keys, and for RSA it would hand PyJWT the PEM to re-parse, which re-validates the key (~40 ms
+            # of CPU with the GIL held, stalling the event loop) each time it signs. MSAL calls this for every
+            # token request it sends, with the token endpoint it discovered as the audience.
+            client_credential = {"client_assertion": _Assertion(credential, identity.client_id)}
+        host = urllib.parse.urlsplit(key.authority).hostname or ""
+        microsoft = host.casefold() in MICROSOFT_AUTHORITY_HOSTS
+        self._http.begin(time.monotonic() + self._http_timeout_s)
+        try:
+            msal_app = msal.ConfidentialClientApplication(
+                identity.client_id,
+                client_credential=client_credential,
+                authority=key.authority,
+                validate_authority=microsoft,
+                instance_discovery=None if microsoft else False,
+                http_client=self._http,
+                http_cache=_NoStore(),
+                token_cache=msal.TokenCache(),
+            )
+        except Exception as exc:
+            self._http.attach(exc)
+            raise
+        return _App(msal_app=msal_app, key=key, redact=redact)
+
+    # ------------------------------------------------------------- acquiring
+
+    async def _acquire(self, identity: AzureIdentity, app: _App, resource: str, deadline: float) -> Token:
+        loop = asyncio.get_running_loop()
+        scope = resource_to_scope(resource)
+        retries = 0
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise UpstreamUnavailable("deadline passed before Azure AD answered")
+            # Each HTTP call in the thread gets at most the time left (see _HttpClient).
+            expires_at = time.monotonic() + remaining
+            job = self._submit(self._acquire_blocking, app, scope, expires_at)
+            try:
+                # Leaving early (timeout or cancellation) cancels the job if it has not started: asyncio
+                # chains the cancellation to the pool's future. A running job finishes and is discarded.
+                async with asyncio.timeout_at(deadline):
+                    reply = await job
+            except TimeoutError:
+                raise UpstreamUnavailable("Azure AD did not answer in time") from None
+            except asyncio.CancelledError:
+                self._raise_if_shut_down()
+                raise
+            obtained_at = self._clock()
+            outcome = _interpret(reply, app.redact)
+            if isinstance(outcome, _Throttled):
+                wait = outcome.retry_after
+                if retries < MAX_THROTTLE_RETRIES and loop.time() + wait < deadline:
+                    retries += 1
+                    self._m_throttled.inc()
+                    log.info("Azure AD throttled AzureIdentity %s; retrying in %.1fs", identity.key, wait)
+                    await asyncio.sleep(wait)
+                    continue
+                raise UpstreamUnavailable("Azure AD is throttling token requests (429)", retry_after=wait)
+            return _to_token(outcome, identity, resource, obtained_at)
+
+    def _submit(self, fn: Callable[..., _T], *args: Any) -> asyncio.Future[_T]:
+        if self._closed:
+            raise UpstreamUnavailable(_SHUT_DOWN)
+        return asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def _raise_if_shut_down(self) -> None:
+        """A cancellation that is not this task's own came from close() cancelling queued pool jobs."""
+        task = asyncio.current_task()
+        if self._closed and (task is None or task.cancelling() == 0):
+            raise UpstreamUnavailable(_SHUT_DOWN) from None
+
+    def _acquire_blocking(self, app: _App, scope: str, expires_at: float) -> _Reply:
+        """In a worker thread. Never raises: the loop side classifies what happened."""
+        self._http.begin(expires_at)
+        try:
+            app.msal_app.remove_tokens_for_client()
+            result = app.msal_app.acquire_token_for_client(scopes=[scope])
+        except Exception as exc:
+            return _Reply(None, self._http.last(), exc)
+        if not isinstance(result, dict):
+            return _Reply(None, self._http.last(), TypeError("MSAL returned no result"))
+        return _Reply(result, self._http.last(), None)
+
+
+# ---------------------------------------------------------------------- pieces
+
+
+@dataclass(frozen=True, slots=True)
+class _AppKey:
+    authority: str
+    client_id: str
+    """Case-folded."""
+    fingerprint: str
+
+
+@dataclass(frozen=True, slots=True)
+class _App:
+    msal_app: Any
+    key: _AppKey
+    redact: tuple[str, ...]
+    """Credential strings that must never appear in an error text (belt and braces: Azure AD echoes none)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    """The last HTTP answer a worker thread got: what MSAL's result does not carry."""
+
+    status: int
+    retry_after: float | None
+    body: str
+    """Kept only for error statuses, to read Azure AD's OAuth error when MSAL raised instead."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Reply:
+    result: dict[str, Any] | None
+    answer: _Answer | None
+    error: BaseException | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Throttled:
+    retry_after: float
+
+
+class _DeadlinePassed(Exception):
+    """Raised inside a worker thread when the caller's time ran out before an HTTP call."""
+
+
+class _NoStore(MutableMapping[str, Any]):
+    """A mapping that keeps nothing: MSAL's HTTP throttling cache, switched off (see module docstring)."""
+
+    def __getitem__(self, key: str) -> Any:
+        raise KeyError(key)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        pass
+
+    def __delitem__(self, key: str) -> None:
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
+class _Assertion:
+    """MSAL calls this with ``{"client_id", "token_endpoint"}`` each time it needs a client assertion."""
+
+    def __init__(self, credential: CertificateCredential, client_id: str) -> None:
+        self._credential = credential
+        self._client_id = client_id
+
+    def __call__(self, context: dict[str, str]) -> str:
+        return sign_client_assertion(
+            self._credential, audience=context["token_endpoint"], client_id=self._client_id
+        )
+
+
+def _session(pool_size: int) -> requests.Session:
+    session = requests.Session()
+    # One connect-level retry, as MSAL's own session has; POSTs are never replayed after a read error.
+    adapter = HTTPAdapter(pool_connections=4, pool_maxsize=max(pool_size, 1), max_retries=1)
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    # Azure AD sets affinity cookies; in a session shared by every identity they would only mix clients.
+    session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
+    return session
+
+
+class _HttpClient:
+    """MSAL's ``http_client`` contract (``get``/``post``/``close``) over one shared ``requests.Session``.
+
+    It passes the CA bundle and timeout explicitly on every call: a per-request ``verify=None`` would let
+    ``REQUESTS_CA_BUNDLE`` from the environment override the session's bundle. It also records, per worker
+    thread, the last answer's status and Retry-After, which MSAL's result dictionaries do not carry.
+    """
+
+    def __init__(self, session: requests.Session, *, verify: str | bool, timeout_s: float) -> None:
+        self._session = session
+        self._verify = verify
+        self._timeout_s = timeout_s
+        self._local = threading.local()
+
+    def begin(self, expires_at: float) -> None:
+        self._local.expires_at = expires_at
+        self._local.last = None
+
+    def last(self) -> _Answer | None:
+        answer: _Answer | None = getattr(self._local, "last", None)
+        return answer
+
+    def attach(self, exc: BaseException) -> None:
+        """Carry this thread's last answer on an exception that leaves the thread (app construction)."""
+        exc.nmi_answer = self.last()  # type: ignore[attr-defined]
+
+    @staticmethod
+    def answer_of(exc: BaseException) -> _Answer | None:
+        answer: _Answer | None = getattr(exc, "nmi_answer", None)
+        return answer
+
+    def get(self, url: str, **kwargs: Any) -> requests.Response:
+        return self._send("GET", url, kwargs)
+
+    def post(self, url: str, **kwargs: Any) -> requests.Response:
+        return self._send("POST", url, kwargs)
+
+    def close(self) -> None:
+        """MSAL may call this; the session belongs to the source, which closes it once."""
+
+    def close_session(self) -> None:
+        self._session.close()
+
+    def _send(self, method: str, url: str, kwargs: dict[str, Any]) -> requests.Response:
+        remaining = getattr(self._local, "expires_at", math.inf) - time.monotonic()
+        if remaining <= 0:
+            raise _DeadlinePassed()
+        kwargs["timeout"] = min(self._timeout_s, remaining)
+        kwargs["verify"] = self._verify
+        response = self._session.request(method, url, **kwargs)
+        status = int(response.status_code)
+        self._local.last = _Answer(
+            status=status,
+            retry_after=_retry_after(response.headers.get("Retry-After")),
+            body=response.text if status >= 400 else "",
+        )
+        return response
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return None
+    if not math.isfinite(seconds):
+        return None
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
+
+
+def _interpret(reply: _Reply, redact: tuple[str, ...]) -> dict[str, Any] | _Throttled:
+    """A token response, a throttle to wait out, or raise the NMI error that describes the failure."""
+    answer = reply.answer
+    if reply.error is not None and _transport_failure(reply.error):
+        raise _failure(reply.error, None, redact)  # Any recorded answer is from an earlier call.
+    if answer is not None and answer.status == 429:
+        return _Throttled(answer.retry_after if answer.retry_after is not None else DEFAULT_RETRY_AFTER_S)
+    if reply.error is not None:
+        raise _failure(reply.error, answer, redact)
+    result = reply.result or {}
+    if answer is not None and answer.status >= 500:
+        raise UpstreamUnavailable(f"Azure AD answered HTTP {answer.status}", retry_after=answer.retry_after)
+    if "access_token" in result:
+        return result
+    raise _refusal(result, answer.status if answer is not None else None, redact)
+
+
+def _transport_failure(exc: BaseException) -> bool:
+    return isinstance(exc, _DeadlinePassed | requests.RequestException | OSError)
+
+
+def _failure(exc: BaseException, answer: _Answer | None, redact: tuple[str, ...]) -> NmiError:
+    if isinstance(exc, _DeadlinePassed | requests.Timeout):
+        return UpstreamUnavailable("Azure AD did not answer in time")
+    if isinstance(exc, requests.RequestException | OSError):
+        return UpstreamUnavailable(f"Azure AD is unreachable ({type(exc).__name__})")
+    if isinstance(exc, CredentialError):
+        return UpstreamUnavailable(str(exc))
+    if answer is not None and answer.status == 429:
+        retry_after = answer.retry_after if answer.retry_after is not None else DEFAULT_RETRY_AFTER_S
+        return UpstreamUnavailable("Azure AD is throttling requests (429)", retry_after=retry_after)
+    if answer is not None and answer.status >= 500:
+        return UpstreamUnavailable(f"Azure AD answered HTTP {answer.status}", retry_after=answer.retry_after)
+    if answer is not None and answer.status >= 400:
+        # MSAL raised on an error answer (authority discovery, or a body that is not JSON): read it ourselves.
+        try:
+            body = json.loads(answer.body)
+        except ValueError:
+            body = None
+        if isinstance(body, dict) and "error" in body:
+            return _refusal(body, answer.status, redact)
+        return UpstreamRefused(
+            "invalid_response",
+            f"Azure AD answered HTTP {answer.status} without an OAuth error",
+            upstream_status=answer.status,
+        )
+    log.warning("Azure AD token request failed: %s", type(exc).__name__, exc_info=exc)
+    return UpstreamUnavailable(f"Azure AD token request failed ({type(exc).__name__})")
+
+
+def _refusal(body: dict[str, Any], status: int | None, redact: tuple[str, ...]) -> UpstreamRefused:
+    error = body.get("error")
+    error = error if isinstance(error, str) and _ERROR_RE.match(error) else "invalid_response"
+    if status is None:
+        status = 401 if error == "invalid_client" else 400
+    return UpstreamRefused(error, _short_description(body, redact), upstream_status=status)
+
+
+def _short_description(body: dict[str, Any], redact: tuple[str, ...]) -> str:
+    """The AADSTS code and the first line of Azure AD's text: no trace/correlation IDs, no timestamps."""
+    raw = body.get("error_description")
+    text = raw.strip().splitlines()[0].strip() if isinstance(raw, str) and raw.strip() else ""
+    codes = body.get("error_codes")
+    if not text.startswith("AADSTS") and isinstance(codes, list) and codes and isinstance(codes[0], int):
+        text = f"AADSTS{codes[0]}: {text}".rstrip(": ")
+    for needle in redact:
+        if len(needle) >= 4:
+            text = text.replace(needle, "[redacted]")
+    if len(text) > _DESCRIPTION_MAX:
+        text = text[: _DESCRIPTION_MAX - 3] + "..."
+    return text or "Azure AD refused the token request"
+
+
+def _to_token(result: dict[str, Any], identity: AzureIdentity, resource: str, now: float) -> Token:
+    access_token = result.get("access_token")
+    expires_in = _seconds(result.get("expires_in"))
+    if not isinstance(access_token, str) or not access_token or expires_in is None:
+        raise UpstreamUnavailable("Azure AD returned an unusable token response")
+    ext = _seconds(result.get("ext_expires_in"))
+    token_type = result.get("token_type")
+    return Token(
+        access_token=access_token,
+        resource=resource,
+        token_type=token_type if isinstance(token_type, str) and token_type else "Bearer",
+        client_id=identity.client_id,
+        expires_on=now + expires_in,
+        not_before=now,
+        obtained_at=now,
+        ext_expires_in=int(ext) if ext is not None else None,
+    )
+
+
+def _seconds(value: object) -> float | None:
+    """Azure AD v2 sends integers; v1 and some clouds send strings. Anything else is unusable."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        try:
+            seconds = float(value.strip())
+        except ValueError:
+            return None
+    else:
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
