@@ -113,6 +113,7 @@ class App:
             self.metrics,
             ca_bundle=upstream.aad_ca_bundle,
             allow_cross_namespace_secrets=self.settings.identity.allow_cross_namespace_secrets,
+            http_timeout_s=upstream.request_timeout_s,
             on_credentials_changed=self.cache.invalidate_identity,
         )
         sources[IdentityType.SERVICE_PRINCIPAL] = self._msal

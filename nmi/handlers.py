@@ -230,13 +230,16 @@ class NmiHandler:
             resource_id=(params.get("msi_res_id") or params.get("mi_res_id", "")).casefold(),
         )
         api_version = params.get("api-version") or self._api_version
+        tenant_id = params.get("tenant_id", "")
         pod: Pod | None = None
         try:
             pod = self._service.pod_now(request.peer_ip)
             if pod is not None:
                 decision = self._service.decide_now(pod, query)
                 if isinstance(decision, Grant):
-                    token_request = self._service.request_for(decision.identity, resource, api_version)
+                    token_request = self._service.request_for(
+                        decision.identity, resource, api_version, tenant_id
+                    )
                     token = self._service.cached(token_request)
                     if token is not None:
                         memo = self._memo(request, pod, decision, resource, token_request)
@@ -245,10 +248,10 @@ class NmiHandler:
                     raise self._service.denied(pod, decision)
         except NmiError as exc:
             return self._failed(request, exc, pod=pod, resource=resource)
-        return self._token_slow(request, query, resource, api_version)
+        return self._token_slow(request, query, resource, api_version, tenant_id)
 
     async def _token_slow(
-        self, request: Request, query: IdentityQuery, resource: str, api_version: str
+        self, request: Request, query: IdentityQuery, resource: str, api_version: str, tenant_id: str
     ) -> Response:
         pod: Pod | None = None
         try:
@@ -261,7 +264,7 @@ class NmiHandler:
                 )
                 response = await self._proxy.forward(request, "/metadata/identity/oauth2/token")
                 return self._observe_token(request, TOKEN_OPERATION, response, pod.namespace, resource)
-            token_request = self._service.request_for(decision.identity, resource, api_version)
+            token_request = self._service.request_for(decision.identity, resource, api_version, tenant_id)
             token = await self._service.token(token_request, deadline=self._service.deadline())
             return self._granted_response(request, pod, decision, resource, token)
         except NmiError as exc:

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from nmi.errors import AmbiguousPod, IdentityNotFound, NmiError, PodNotFound, UpstreamUnavailable
+from nmi.errors import AmbiguousPod, BadRequest, IdentityNotFound, NmiError, PodNotFound, UpstreamUnavailable
 from nmi.metrics import Metrics
 from nmi.model import AzureIdentity, IdentityType, ObjectKey, Pod
 from nmi.resolver import Decision, Deny, Grant, IdentityQuery, PassThrough, Pending, resolve
@@ -148,8 +148,19 @@ class TokenService:
 
     # --- token --------------------------------------------------------------------------
 
-    def request_for(self, identity: AzureIdentity, resource: str, api_version: str) -> TokenRequest:
-        return TokenRequest(identity=identity, resource=resource, api_version=api_version)
+    def request_for(
+        self, identity: AzureIdentity, resource: str, api_version: str, tenant_id: str = ""
+    ) -> TokenRequest:
+        if tenant_id:
+            # IMDS has one token per request; a service principal's auxiliary tenants are asked for
+            # one at a time with ?tenant_id=, instead of the original's JSON array (nmi-spec §9.14).
+            if identity.type is IdentityType.USER_ASSIGNED_MSI:
+                raise BadRequest("tenant_id applies only to service-principal identities")
+            if tenant_id.casefold() not in {t.casefold() for t in identity.auxiliary_tenant_ids}:
+                raise BadRequest("tenant_id is not one of the identity's auxiliaryTenantIDs")
+        return TokenRequest(
+            identity=identity, resource=resource, api_version=api_version, tenant_id=tenant_id
+        )
 
     def cached(self, request: TokenRequest) -> Token | None:
         return self._cache.peek(request)

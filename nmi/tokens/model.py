@@ -55,6 +55,8 @@ class TokenRequest:
     client_id: str = ""
     """For pass-through without an identity object: the user-assigned identity asked for."""
     resource_id: str = ""
+    tenant_id: str = ""
+    """An auxiliary tenant of a service principal (the ``tenant_id`` query opt-in); empty for its own."""
 
 
 class TokenSource(Protocol):

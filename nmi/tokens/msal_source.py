@@ -14,7 +14,10 @@ Shape of one ``fetch``:
 
 MSAL is used exactly as against a sovereign or private cloud: the authority is ``spec.adEndpoint`` plus the
 tenant; for hosts that are not Microsoft's, authority validation and instance discovery are off; the TLS
-trust store is a CA bundle given to our own ``requests`` session (never the process environment).
+trust store is the ``ca_bundle`` given to our own ``requests`` session, passed on every call so that the
+process environment cannot override it (with no ``ca_bundle``, requests' default and ``REQUESTS_CA_BUNDLE``
+apply). Certificate credentials reach MSAL as a client-assertion callback that we sign (PS256 for RSA,
+ES256/384/512 for EC, with ``x5t``, ``x5t#S256`` and ``x5c``); see ``_build_app`` for why.
 
 Two MSAL caches are bypassed on purpose, because the NMI token cache sits in front of this source and owns
 freshness and retry policy:
@@ -26,9 +29,9 @@ freshness and retry policy:
   and metrics would count replays as upstream calls. It is given a mapping that stores nothing.
 
 Resources become v2 scopes as ``<resource>/.default``, with one trailing slash dropped first:
-``https://management.azure.com/`` → ``https://management.azure.com/.default``. Azure AD maps that scope back
-to the same application as the v1 ``resource`` the original sent. A resource that already ends in
-``/.default`` is passed as is.
+``https://management.azure.com/`` → ``https://management.azure.com/.default``, the form the Azure SDKs use.
+A resource that already ends in ``/.default`` is passed as is: the way to reach an API whose tokens must
+carry the trailing slash in ``aud`` (``https://x//.default``, as Microsoft documents for such APIs).
 
 Errors: an Azure AD refusal becomes ``UpstreamRefused`` (403) carrying Azure AD's ``error`` and the first line
 of its description (the AADSTS code and text; never trace IDs, never credential material), with the upstream
@@ -177,7 +180,7 @@ class MsalTokenSource:
             )
         loop = asyncio.get_running_loop()
         started = loop.time()
-        tenant = self._tenant(identity, tenant_id)
+        tenant = self._tenant(identity, tenant_id or request.tenant_id or None)
         authority = self._authority(identity, tenant)
         secret = await self._secret(identity, deadline)
         try:

@@ -69,12 +69,16 @@ class CacheKey:
     resource: str
     """As the caller sent it: IMDS treats ``https://vault.azure.net`` and
     ``https://vault.azure.net/`` as different audiences, so they are not merged."""
+    tenant: str = ""
+    """An auxiliary tenant's tokens are other tokens."""
 
 
 def cache_key(request: TokenRequest) -> CacheKey:
     identity = request.identity
     if identity is None:
         return CacheKey(_node_key(request.client_id, request.resource_id), request.resource)
+    if request.tenant_id:
+        return CacheKey(_identity_key(identity), request.resource, request.tenant_id.casefold())
     return CacheKey(_identity_key(identity), request.resource)
 
 
