@@ -109,6 +109,20 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(g, "--enable-conntrack-deletion", False, "purge conntrack entries to the metadata address")
     _flag(g, "--allow-network-plugin-kubenet", False, "run on kubenet nodes")
     g.add_argument("--kubelet-config", default="/etc/default/kubelet")
+    _flag(g, "--intercept-host-network", False, "also intercept host processes' metadata traffic (OUTPUT)")
+    g.add_argument(
+        "--host-network-exempt-uid",
+        type=int,
+        action="append",
+        default=[],
+        help="uid that keeps direct IMDS access (repeatable); NMI's own uid must be exempt",
+    )
+    g.add_argument(
+        "--host-network-exempt-cgroup",
+        action="append",
+        default=[],
+        help="cgroup v2 path that keeps direct IMDS access (repeatable), e.g. NMI's own",
+    )
     g = p.add_argument_group("observability")
     g.add_argument("--prometheus-port", type=_port, default=9090)
     g.add_argument("--http-probe-port", type=_port, default=8080)
@@ -200,6 +214,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
             enable_conntrack_deletion=args.enable_conntrack_deletion,
             allow_network_plugin_kubenet=args.allow_network_plugin_kubenet,
             kubelet_config=args.kubelet_config,
+            intercept_host_network=args.intercept_host_network,
+            host_network_exempt_uids=tuple(args.host_network_exempt_uid),
+            host_network_exempt_cgroups=tuple(args.host_network_exempt_cgroup),
         ),
     )
 

@@ -11,7 +11,7 @@ import logging
 
 from iptables.drift import Drift
 from iptables.reconcile import Reconciler
-from iptables.rules import RuleSpec
+from iptables.rules import HostNetworkInterception, RuleSpec
 from iptables.runner import IptablesRunner
 from nmi.errors import ConfigError
 from nmi.metrics import Metrics
@@ -43,6 +43,24 @@ class Interception:
         await self.runner.remove()
 
 
+def host_network(settings: Settings) -> HostNetworkInterception | None:
+    """The OUTPUT opt-in, refusing a set-up that would send NMI's own upstream calls to itself."""
+    ipt = settings.iptables
+    if not ipt.intercept_host_network:
+        return None
+    if not ipt.host_network_exempt_uids and not ipt.host_network_exempt_cgroups:
+        raise ConfigError(
+            "--intercept-host-network needs NMI exempted: --host-network-exempt-uid (a dedicated uid) "
+            "or --host-network-exempt-cgroup (NMI's cgroup)"
+        )
+    if 0 in ipt.host_network_exempt_uids:
+        log.warning("uid 0 is exempt from host-network interception: every root process keeps IMDS access")
+    try:
+        return HostNetworkInterception(ipt.host_network_exempt_uids, ipt.host_network_exempt_cgroups)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 async def start_interception(settings: Settings, metrics: Metrics) -> Interception:
     ipt = settings.iptables
     if not ipt.allow_network_plugin_kubenet and await asyncio.to_thread(is_kubenet, ipt.kubelet_config):
@@ -52,6 +70,7 @@ async def start_interception(settings: Settings, metrics: Metrics) -> Intercepti
         settings.server.port,
         metadata_ip=settings.upstream.metadata_ip,
         metadata_port=settings.upstream.metadata_port,
+        host_network=host_network(settings),
     )
     if spec.target_ip.startswith("127."):
         try:

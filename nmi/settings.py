@@ -129,6 +129,11 @@ class IptablesSettings:
     enable_conntrack_deletion: bool = False
     allow_network_plugin_kubenet: bool = False
     kubelet_config: str = "/etc/default/kubelet"
+    intercept_host_network: bool = False
+    """Also send host processes' (and host-network pods') metadata traffic to NMI, via nat OUTPUT."""
+    host_network_exempt_uids: tuple[int, ...] = ()
+    host_network_exempt_cgroups: tuple[str, ...] = ()
+    """Who keeps reaching IMDS directly when ``intercept_host_network`` is on; NMI must be among them."""
 
 
 @dataclass(frozen=True, slots=True)

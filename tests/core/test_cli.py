@@ -51,3 +51,26 @@ def test_bad_values_are_rejected() -> None:
     ):
         with pytest.raises(SystemExit):
             parse(argv)
+
+
+def test_host_network_interception_needs_an_exemption() -> None:
+    from nmi.errors import ConfigError
+    from nmi.interception import host_network
+
+    assert host_network(parse(["--node=n"])) is None
+    with pytest.raises(ConfigError, match="needs NMI exempted"):
+        host_network(parse(["--node=n", "--intercept-host-network"]))
+    rule = host_network(
+        parse(
+            [
+                "--node=n",
+                "--intercept-host-network",
+                "--host-network-exempt-uid=1234",
+                "--host-network-exempt-cgroup=/system.slice/nmi.service",
+            ]
+        )
+    )
+    assert rule is not None and rule.exempt_uids == (1234,)
+    assert rule.exempt_cgroups == ("/system.slice/nmi.service",)
+    with pytest.raises(ConfigError):
+        host_network(parse(["--node=n", "--intercept-host-network", "--host-network-exempt-cgroup=relative"]))
