@@ -340,3 +340,19 @@ def test_error_bodies_are_json() -> None:
     response = error_response(UpstreamUnavailable("down", retry_after=5))
     assert json.loads(response.body) == {"error": "service_unavailable", "error_description": "down"}
     assert (b"retry-after", b"5") in response.headers
+
+
+async def test_two_live_pods_on_one_address_are_refused_not_guessed(make_node) -> None:
+    docs = base_docs()
+    twin = copy.deepcopy(next(d for d in docs if d["metadata"]["name"] == "web"))
+    twin["metadata"].update(name="web-twin", uid="twin-uid")
+    node = await make_node([*docs, twin])
+    reply = await node.get(token_path(), src=WEB)
+    assert reply.status == 500
+    assert (
+        "default/web" in reply.json()["error_description"]
+        and "default/web-twin" in reply.json()["error_description"]
+    )
+    metrics = node.app.registry.get_sample_value("nmi_ambiguous_caller_ip_total")
+    assert metrics == 1.0
+    assert node.imds.count() == 0
