@@ -81,6 +81,7 @@ class App:
         self._reconciler: Any = None
         self._msal: Any = None
         self.stopped = asyncio.Event()
+        self._started = False
         self.metrics.gauge_fn("nmi_token_cache_entries", "Tokens in the cache", lambda: len(self.cache))
         self.metrics.gauge_fn(
             "nmi_pod_cache_size", "Pods of this node in the cache", lambda: self.state.count(Pod)
@@ -156,6 +157,7 @@ class App:
 
     def checks(self) -> list[Check]:
         checks = [
+            Check("started", lambda: self._started),
             Check("listener", lambda: self.server is not None and self.server.serving),
             Check("cluster_state", lambda: self.state.synced, lambda: self.state.sources()),
         ]
@@ -188,6 +190,10 @@ class App:
 
     async def start(self) -> None:
         settings = self.settings
+        obs = settings.observability
+        # First, so probes say 503 (not "connection refused") while the rest comes up.
+        self.probe_server = HttpServer(settings.server, Probes(self.checks), name="probe")
+        await self.probe_server.start(obs.probe_address, obs.probe_port)
         self._start_state_source()
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=64, keepalive_timeout=30),
@@ -212,9 +218,7 @@ class App:
         log.info("token listener on %s:%d", settings.server.listen_address, self.server.port)
         if settings.iptables.manage:
             await self._start_iptables()
-        obs = settings.observability
-        self.probe_server = HttpServer(settings.server, Probes(self.checks()), name="probe")
-        await self.probe_server.start(obs.probe_address, obs.probe_port)
+        self._started = True
         self.metrics_server = HttpServer(settings.server, MetricsEndpoint(self.registry), name="metrics")
         try:
             await self.metrics_server.start(obs.metrics_address, obs.prometheus_port)

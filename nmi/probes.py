@@ -29,13 +29,15 @@ class Check:
 
 
 class Probes:
-    def __init__(self, checks: list[Check]) -> None:
+    """``checks`` is asked on every probe, so pieces that start later join the report."""
+
+    def __init__(self, checks: Callable[[], list[Check]]) -> None:
         self._checks = checks
 
     def report(self, *, readiness: bool) -> tuple[bool, dict[str, object]]:
         results: dict[str, object] = {}
         healthy = True
-        for check in self._checks:
+        for check in self._checks():
             if check.readiness_only and not readiness:
                 continue
             ok = check.ok()

@@ -356,3 +356,17 @@ async def test_two_live_pods_on_one_address_are_refused_not_guessed(make_node) -
     metrics = node.app.registry.get_sample_value("nmi_ambiguous_caller_ip_total")
     assert metrics == 1.0
     assert node.imds.count() == 0
+
+
+async def test_probe_reports_unavailable_until_started() -> None:
+    from nmi.probes import Check, Probes
+
+    state = {"up": False}
+    probes = Probes(
+        lambda: [Check("listener", lambda: state["up"]), Check("watches", lambda: False, readiness_only=True)]
+    )
+    assert probes.report(readiness=False)[0] is False
+    state["up"] = True
+    assert probes.report(readiness=False)[0] is True
+    ok, results = probes.report(readiness=True)
+    assert ok is False and results["watches"] == {"ok": False}
