@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 
 from nmi.errors import AmbiguousPod, BadRequest, IdentityNotFound, NmiError, PodNotFound, UpstreamUnavailable
 from nmi.metrics import Metrics
@@ -24,11 +23,6 @@ from nmi.settings import Settings
 from nmi.state import ClusterState
 from nmi.tokens.cache import TokenCache
 from nmi.tokens.model import Token, TokenRequest, TokenSource
-
-
-@dataclass(frozen=True, slots=True)
-class Caller:
-    pod: Pod
 
 
 class TokenService:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from nmi.model import AzureIdentity, ObjectKey, SecretRef
+from nmi.model import AzureIdentity, SecretRef
 from nmi.tokens.model import Token, TokenRequest
 
 NODE_KIND = "node"
@@ -57,10 +57,6 @@ class IdentityKey:
     ad_endpoint: str = ""
     auxiliary_tenant_ids: tuple[str, ...] = ()
     secret: SecretRef | None = None
-
-    @property
-    def object_key(self) -> ObjectKey:
-        return ObjectKey(self.namespace, self.name)
 
 
 @dataclass(frozen=True, slots=True)
