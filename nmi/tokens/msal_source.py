@@ -47,27 +47,21 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import email.utils
-import http.cookiejar
-import json
 import logging
-import math
-import re
-import threading
 import time
 import urllib.parse
-from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import msal
-import requests
-from requests.adapters import HTTPAdapter
 
 from nmi.errors import BadRequest, NmiError, UpstreamRefused, UpstreamUnavailable
 from nmi.metrics import OP_AAD, Metrics
 from nmi.model import AzureIdentity, IdentityType, ObjectKey, Secret
+from nmi.tokens.aad_answers import Throttled, failure, interpret, to_token
+from nmi.tokens.aad_http import HttpClient, NoStore, Reply, make_session
 from nmi.tokens.credentials import (
     CertificateCredential,
     ClientSecretCredential,
@@ -102,15 +96,11 @@ MICROSOFT_AUTHORITY_HOSTS = frozenset(
 """Hosts MSAL may validate through Microsoft's instance discovery; any other is a private authority."""
 
 MAX_THROTTLE_RETRIES = 3
-DEFAULT_RETRY_AFTER_S = 5.0
 """When a 429 names no delay: MSAL's own default for confidential clients."""
-MAX_RETRY_AFTER_S = 3600.0
 MAX_APPS = 1024
 """MSAL applications kept; the least recently used beyond this are dropped (and rebuilt on demand)."""
-_DESCRIPTION_MAX = 400
 _SHUT_DOWN = "the Azure AD token source is shut down"
 _T = TypeVar("_T")
-_ERROR_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
 def resource_to_scope(resource: str) -> str:
@@ -150,8 +140,8 @@ class MsalTokenSource:
         construction, since the cache is usually built after its sources. Exceptions are logged, not raised.
         """
         self._executor = ThreadPoolExecutor(max_workers=executor_workers, thread_name_prefix="nmi-msal")
-        self._http = _HttpClient(
-            _session(executor_workers), verify=ca_bundle or True, timeout_s=http_timeout_s
+        self._http = HttpClient(
+            make_session(executor_workers), verify=ca_bundle or True, timeout_s=http_timeout_s
         )
         self._apps: collections.OrderedDict[_AppKey, _App] = collections.OrderedDict()
         self._building: dict[_AppKey, asyncio.Future[_App]] = {}
@@ -304,7 +294,7 @@ class MsalTokenSource:
         except CredentialError as exc:
             raise UpstreamUnavailable(str(exc)) from None
         except Exception as exc:
-            raise _failure(exc, self._http.answer_of(exc), ()) from None
+            raise failure(exc, self._http.answer_of(exc), ()) from None
 
     def _built(self, key: _AppKey, done: asyncio.Future[_App]) -> None:
         self._building.pop(key, None)
@@ -343,7 +333,7 @@ class MsalTokenSource:
                 validate_authority=microsoft,
                 instance_discovery=None if microsoft else False,
                 http_client=self._http,
-                http_cache=_NoStore(),
+                http_cache=NoStore(),
                 token_cache=msal.TokenCache(),
             )
         except Exception as exc:
@@ -361,7 +351,7 @@ class MsalTokenSource:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise UpstreamUnavailable("deadline passed before Azure AD answered")
-            # Each HTTP call in the thread gets at most the time left (see _HttpClient).
+            # Each HTTP call in the thread gets at most the time left (see HttpClient).
             expires_at = time.monotonic() + remaining
             job = self._submit(self._acquire_blocking, app, scope, expires_at)
             try:
@@ -375,8 +365,8 @@ class MsalTokenSource:
                 self._raise_if_shut_down()
                 raise
             obtained_at = self._clock()
-            outcome = _interpret(reply, app.redact)
-            if isinstance(outcome, _Throttled):
+            outcome = interpret(reply, app.redact)
+            if isinstance(outcome, Throttled):
                 wait = outcome.retry_after
                 if retries < MAX_THROTTLE_RETRIES and loop.time() + wait < deadline:
                     retries += 1
@@ -385,7 +375,7 @@ class MsalTokenSource:
                     await asyncio.sleep(wait)
                     continue
                 raise UpstreamUnavailable("Azure AD is throttling token requests (429)", retry_after=wait)
-            return _to_token(outcome, identity, resource, obtained_at)
+            return to_token(outcome, identity, resource, obtained_at)
 
     def _submit(self, fn: Callable[..., _T], *args: Any) -> asyncio.Future[_T]:
         if self._closed:
@@ -398,17 +388,17 @@ class MsalTokenSource:
         if self._closed and (task is None or task.cancelling() == 0):
             raise UpstreamUnavailable(_SHUT_DOWN) from None
 
-    def _acquire_blocking(self, app: _App, scope: str, expires_at: float) -> _Reply:
+    def _acquire_blocking(self, app: _App, scope: str, expires_at: float) -> Reply:
         """In a worker thread. Never raises: the loop side classifies what happened."""
         self._http.begin(expires_at)
         try:
             app.msal_app.remove_tokens_for_client()
             result = app.msal_app.acquire_token_for_client(scopes=[scope])
         except Exception as exc:
-            return _Reply(None, self._http.last(), exc)
+            return Reply(None, self._http.last(), exc)
         if not isinstance(result, dict):
-            return _Reply(None, self._http.last(), TypeError("MSAL returned no result"))
-        return _Reply(result, self._http.last(), None)
+            return Reply(None, self._http.last(), TypeError("MSAL returned no result"))
+        return Reply(result, self._http.last(), None)
 
 
 # ---------------------------------------------------------------------- pieces
@@ -430,51 +420,6 @@ class _App:
     """Credential strings that must never appear in an error text (belt and braces: Azure AD echoes none)."""
 
 
-@dataclass(frozen=True, slots=True)
-class _Answer:
-    """The last HTTP answer a worker thread got: what MSAL's result does not carry."""
-
-    status: int
-    retry_after: float | None
-    body: str
-    """Kept only for error statuses, to read Azure AD's OAuth error when MSAL raised instead."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Reply:
-    result: dict[str, Any] | None
-    answer: _Answer | None
-    error: BaseException | None
-
-
-@dataclass(frozen=True, slots=True)
-class _Throttled:
-    retry_after: float
-
-
-class _DeadlinePassed(Exception):
-    """Raised inside a worker thread when the caller's time ran out before an HTTP call."""
-
-
-class _NoStore(MutableMapping[str, Any]):
-    """A mapping that keeps nothing: MSAL's HTTP throttling cache, switched off (see module docstring)."""
-
-    def __getitem__(self, key: str) -> Any:
-        raise KeyError(key)
-
-    def __setitem__(self, key: str, value: Any) -> None:
-        pass
-
-    def __delitem__(self, key: str) -> None:
-        raise KeyError(key)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(())
-
-    def __len__(self) -> int:
-        return 0
-
-
 class _Assertion:
     """MSAL calls this with ``{"client_id", "token_endpoint"}`` each time it needs a client assertion."""
 
@@ -486,196 +431,3 @@ class _Assertion:
         return sign_client_assertion(
             self._credential, audience=context["token_endpoint"], client_id=self._client_id
         )
-
-
-def _session(pool_size: int) -> requests.Session:
-    session = requests.Session()
-    # One connect-level retry, as MSAL's own session has; POSTs are never replayed after a read error.
-    adapter = HTTPAdapter(pool_connections=4, pool_maxsize=max(pool_size, 1), max_retries=1)
-    session.mount("https://", adapter)
-    session.mount("http://", adapter)
-    # Azure AD sets affinity cookies; in a session shared by every identity they would only mix clients.
-    session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
-    return session
-
-
-class _HttpClient:
-    """MSAL's ``http_client`` contract (``get``/``post``/``close``) over one shared ``requests.Session``.
-
-    It passes the CA bundle and timeout explicitly on every call: a per-request ``verify=None`` would let
-    ``REQUESTS_CA_BUNDLE`` from the environment override the session's bundle. It also records, per worker
-    thread, the last answer's status and Retry-After, which MSAL's result dictionaries do not carry.
-    """
-
-    def __init__(self, session: requests.Session, *, verify: str | bool, timeout_s: float) -> None:
-        self._session = session
-        self._verify = verify
-        self._timeout_s = timeout_s
-        self._local = threading.local()
-
-    def begin(self, expires_at: float) -> None:
-        self._local.expires_at = expires_at
-        self._local.last = None
-
-    def last(self) -> _Answer | None:
-        answer: _Answer | None = getattr(self._local, "last", None)
-        return answer
-
-    def attach(self, exc: BaseException) -> None:
-        """Carry this thread's last answer on an exception that leaves the thread (app construction)."""
-        exc.nmi_answer = self.last()  # type: ignore[attr-defined]
-
-    @staticmethod
-    def answer_of(exc: BaseException) -> _Answer | None:
-        answer: _Answer | None = getattr(exc, "nmi_answer", None)
-        return answer
-
-    def get(self, url: str, **kwargs: Any) -> requests.Response:
-        return self._send("GET", url, kwargs)
-
-    def post(self, url: str, **kwargs: Any) -> requests.Response:
-        return self._send("POST", url, kwargs)
-
-    def close(self) -> None:
-        """MSAL may call this; the session belongs to the source, which closes it once."""
-
-    def close_session(self) -> None:
-        self._session.close()
-
-    def _send(self, method: str, url: str, kwargs: dict[str, Any]) -> requests.Response:
-        remaining = getattr(self._local, "expires_at", math.inf) - time.monotonic()
-        if remaining <= 0:
-            raise _DeadlinePassed()
-        kwargs["timeout"] = min(self._timeout_s, remaining)
-        kwargs["verify"] = self._verify
-        response = self._session.request(method, url, **kwargs)
-        status = int(response.status_code)
-        self._local.last = _Answer(
-            status=status,
-            retry_after=_retry_after(response.headers.get("Retry-After")),
-            body=response.text if status >= 400 else "",
-        )
-        return response
-
-
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
-        except (TypeError, ValueError):
-            return None
-    if not math.isfinite(seconds):
-        return None
-    return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
-
-
-def _interpret(reply: _Reply, redact: tuple[str, ...]) -> dict[str, Any] | _Throttled:
-    """A token response, a throttle to wait out, or raise the NMI error that describes the failure."""
-    answer = reply.answer
-    if reply.error is not None and _transport_failure(reply.error):
-        raise _failure(reply.error, None, redact)  # Any recorded answer is from an earlier call.
-    if answer is not None and answer.status == 429:
-        return _Throttled(answer.retry_after if answer.retry_after is not None else DEFAULT_RETRY_AFTER_S)
-    if reply.error is not None:
-        raise _failure(reply.error, answer, redact)
-    result = reply.result or {}
-    if answer is not None and answer.status >= 500:
-        raise UpstreamUnavailable(f"Azure AD answered HTTP {answer.status}", retry_after=answer.retry_after)
-    if "access_token" in result:
-        return result
-    raise _refusal(result, answer.status if answer is not None else None, redact)
-
-
-def _transport_failure(exc: BaseException) -> bool:
-    return isinstance(exc, _DeadlinePassed | requests.RequestException | OSError)
-
-
-def _failure(exc: BaseException, answer: _Answer | None, redact: tuple[str, ...]) -> NmiError:
-    if isinstance(exc, _DeadlinePassed | requests.Timeout):
-        return UpstreamUnavailable("Azure AD did not answer in time")
-    if isinstance(exc, requests.RequestException | OSError):
-        return UpstreamUnavailable(f"Azure AD is unreachable ({type(exc).__name__})")
-    if isinstance(exc, CredentialError):
-        return UpstreamUnavailable(str(exc))
-    if answer is not None and answer.status == 429:
-        retry_after = answer.retry_after if answer.retry_after is not None else DEFAULT_RETRY_AFTER_S
-        return UpstreamUnavailable("Azure AD is throttling requests (429)", retry_after=retry_after)
-    if answer is not None and answer.status >= 500:
-        return UpstreamUnavailable(f"Azure AD answered HTTP {answer.status}", retry_after=answer.retry_after)
-    if answer is not None and answer.status >= 400:
-        # MSAL raised on an error answer (authority discovery, or a body that is not JSON): read it ourselves.
-        try:
-            body = json.loads(answer.body)
-        except ValueError:
-            body = None
-        if isinstance(body, dict) and "error" in body:
-            return _refusal(body, answer.status, redact)
-        return UpstreamRefused(
-            "invalid_response",
-            f"Azure AD answered HTTP {answer.status} without an OAuth error",
-            upstream_status=answer.status,
-        )
-    log.warning("Azure AD token request failed: %s", type(exc).__name__, exc_info=exc)
-    return UpstreamUnavailable(f"Azure AD token request failed ({type(exc).__name__})")
-
-
-def _refusal(body: dict[str, Any], status: int | None, redact: tuple[str, ...]) -> UpstreamRefused:
-    error = body.get("error")
-    error = error if isinstance(error, str) and _ERROR_RE.match(error) else "invalid_response"
-    if status is None:
-        status = 401 if error == "invalid_client" else 400
-    return UpstreamRefused(error, _short_description(body, redact), upstream_status=status)
-
-
-def _short_description(body: dict[str, Any], redact: tuple[str, ...]) -> str:
-    """The AADSTS code and the first line of Azure AD's text: no trace/correlation IDs, no timestamps."""
-    raw = body.get("error_description")
-    text = raw.strip().splitlines()[0].strip() if isinstance(raw, str) and raw.strip() else ""
-    codes = body.get("error_codes")
-    if not text.startswith("AADSTS") and isinstance(codes, list) and codes and isinstance(codes[0], int):
-        text = f"AADSTS{codes[0]}: {text}".rstrip(": ")
-    for needle in redact:
-        if len(needle) >= 4:
-            text = text.replace(needle, "[redacted]")
-    if len(text) > _DESCRIPTION_MAX:
-        text = text[: _DESCRIPTION_MAX - 3] + "..."
-    return text or "Azure AD refused the token request"
-
-
-def _to_token(result: dict[str, Any], identity: AzureIdentity, resource: str, now: float) -> Token:
-    access_token = result.get("access_token")
-    expires_in = _seconds(result.get("expires_in"))
-    if not isinstance(access_token, str) or not access_token or expires_in is None:
-        raise UpstreamUnavailable("Azure AD returned an unusable token response")
-    ext = _seconds(result.get("ext_expires_in"))
-    token_type = result.get("token_type")
-    return Token(
-        access_token=access_token,
-        resource=resource,
-        token_type=token_type if isinstance(token_type, str) and token_type else "Bearer",
-        client_id=identity.client_id,
-        expires_on=now + expires_in,
-        not_before=now,
-        obtained_at=now,
-        ext_expires_in=int(ext) if ext is not None else None,
-    )
-
-
-def _seconds(value: object) -> float | None:
-    """Azure AD v2 sends integers; v1 and some clouds send strings. Anything else is unusable."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str):
-        try:
-            seconds = float(value.strip())
-        except ValueError:
-            return None
-    else:
-        return None
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None
