@@ -79,6 +79,7 @@ class ResourceType:
     group: str = ""
     version: str = "v1"
     field_labels: frozenset[str] = META_FIELDS
+    namespaced: bool = True
 
     @property
     def api_version(self) -> str:
@@ -92,6 +93,8 @@ class ResourceType:
 RESOURCES: tuple[ResourceType, ...] = (
     ResourceType("pods", "pod", "Pod", field_labels=POD_FIELDS),
     ResourceType("secrets", "secret", "Secret", field_labels=META_FIELDS | {"type"}),
+    # Cluster-scoped: stored under namespace "" and served without one (MIC reads spec.providerID).
+    ResourceType("nodes", "node", "Node", field_labels=frozenset({"metadata.name"}), namespaced=False),
     ResourceType("azureidentities", "azureidentity", "AzureIdentity", CRD_GROUP, CRD_VERSION),
     ResourceType(
         "azureidentitybindings", "azureidentitybinding", "AzureIdentityBinding", CRD_GROUP, CRD_VERSION
@@ -592,7 +595,7 @@ class FakeApiServer:
     def create(self, obj: Mapping[str, Any]) -> dict[str, Any]:
         rtype, new = self._prepare(obj)
         meta = new["metadata"]
-        key = (meta["namespace"], meta["name"])
+        key = (meta.get("namespace", ""), meta["name"])
         store = self._objects[rtype.plural]
         if key in store:
             raise ApiError(409, "AlreadyExists", f'{rtype.plural} "{meta["name"]}" already exists')
@@ -607,7 +610,7 @@ class FakeApiServer:
     def update(self, obj: Mapping[str, Any]) -> dict[str, Any]:
         rtype, new = self._prepare(obj)
         meta = new["metadata"]
-        key = (meta["namespace"], meta["name"])
+        key = (meta.get("namespace", ""), meta["name"])
         store = self._objects[rtype.plural]
         old = store.get(key)
         if old is None:
@@ -636,7 +639,7 @@ class FakeApiServer:
         """Create, or replace whatever is there (no resourceVersion check)."""
         rtype, new = self._prepare(obj)
         meta = new["metadata"]
-        if (meta["namespace"], meta["name"]) in self._objects[rtype.plural]:
+        if (meta.get("namespace", ""), meta["name"]) in self._objects[rtype.plural]:
             meta.pop("resourceVersion", None)
             return self.update(new)
         return self.create(new)
@@ -670,7 +673,7 @@ class FakeApiServer:
         return self._remove(rtype, key)
 
     def _mark_deleting(self, rtype: ResourceType, obj: dict[str, Any], when: str) -> dict[str, Any]:
-        key = (obj["metadata"]["namespace"], obj["metadata"]["name"])
+        key = (obj["metadata"].get("namespace", ""), obj["metadata"]["name"])
         old = self._objects[rtype.plural][key]
         obj["metadata"]["deletionTimestamp"] = when
         if rtype.kind == "Pod":
@@ -697,7 +700,10 @@ class FakeApiServer:
         meta = new.setdefault("metadata", {})
         if not isinstance(meta, dict) or not meta.get("name"):
             raise ApiError(422, "Invalid", f"{rtype.kind}: metadata.name: Required value")
-        meta["namespace"] = meta.get("namespace") or "default"
+        if rtype.namespaced:
+            meta["namespace"] = meta.get("namespace") or "default"
+        else:
+            meta.pop("namespace", None)
         if rtype.kind == "Secret" and "stringData" in new:
             data = new.setdefault("data", {})
             for k, v in (new.pop("stringData") or {}).items():
@@ -743,6 +749,12 @@ class FakeApiServer:
             r.add_put(prefix + "/namespaces/{namespace}/{plural}/{name}", self._update)
             r.add_patch(prefix + "/namespaces/{namespace}/{plural}/{name}", self._patch)
             r.add_delete(prefix + "/namespaces/{namespace}/{plural}/{name}", self._delete)
+            # Cluster-scoped kinds (nodes); _resolve refuses namespaced kinds on these paths.
+            r.add_post(prefix + "/{plural}", self._create)
+            r.add_get(prefix + "/{plural}/{name}", self._get)
+            r.add_put(prefix + "/{plural}/{name}", self._update)
+            r.add_patch(prefix + "/{plural}/{name}", self._patch)
+            r.add_delete(prefix + "/{plural}/{name}", self._delete)
 
     @staticmethod
     def _verb(request: web.Request) -> str:
@@ -845,7 +857,7 @@ class FakeApiServer:
                 {
                     "name": t.plural,
                     "singularName": t.singular,
-                    "namespaced": True,
+                    "namespaced": t.namespaced,
                     "kind": t.kind,
                     "verbs": verbs,
                 }
@@ -854,7 +866,8 @@ class FakeApiServer:
         }
 
     async def _resource_list_core(self, request: web.Request) -> web.Response:
-        return web.json_response(self._resource_list("v1", (r for r in RESOURCES if r.core)))
+        # Nodes are served but not advertised, which keeps the discovery document as it was.
+        return web.json_response(self._resource_list("v1", (r for r in RESOURCES if r.core and r.namespaced)))
 
     async def _resource_list_group(self, request: web.Request) -> web.Response:
         m = request.match_info
@@ -871,6 +884,14 @@ class FakeApiServer:
         group = m.get("group", "")
         if rtype is None or rtype.group != group or rtype.version != m["version"]:
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
+        if not rtype.namespaced and "namespace" in m:
+            raise ApiError(404, "NotFound", "the server could not find the requested resource")
+        if rtype.namespaced and "name" in m and "namespace" not in m:
+            raise ApiError(404, "NotFound", "the server could not find the requested resource")
+        if rtype.namespaced and request.method == "POST" and "namespace" not in m:
+            raise ApiError(
+                405, "MethodNotAllowed", "the server does not allow this method on the requested resource"
+            )
         return rtype
 
     def _filter(self, request: web.Request, rtype: ResourceType) -> Filter:
@@ -1040,7 +1061,7 @@ class FakeApiServer:
     async def _get(self, request: web.Request) -> web.Response:
         rtype = self._resolve(request)
         m = request.match_info
-        obj = self._objects[rtype.plural].get((m["namespace"], m["name"]))
+        obj = self._objects[rtype.plural].get((m.get("namespace", ""), m["name"]))
         if obj is None:
             raise ApiError(404, "NotFound", f'{rtype.plural} "{m["name"]}" not found')
         return web.json_response(obj)
@@ -1059,9 +1080,10 @@ class FakeApiServer:
         if body["kind"] != rtype.kind:
             raise ApiError(400, "BadRequest", f"kind {body['kind']} does not match {rtype.plural}")
         meta = body.setdefault("metadata", {})
-        meta.setdefault("namespace", request.match_info["namespace"])
-        if meta["namespace"] != request.match_info["namespace"]:
-            raise ApiError(400, "BadRequest", "the namespace of the object does not match the request")
+        if rtype.namespaced:
+            meta.setdefault("namespace", request.match_info["namespace"])
+            if meta["namespace"] != request.match_info["namespace"]:
+                raise ApiError(400, "BadRequest", "the namespace of the object does not match the request")
         if "name" in request.match_info:
             meta.setdefault("name", request.match_info["name"])
             if meta["name"] != request.match_info["name"]:
@@ -1094,12 +1116,12 @@ class FakeApiServer:
         m = request.match_info
         if "deletionTimestamp" in (body.get("metadata") or {}):
             raise ApiError(422, "Invalid", "metadata.deletionTimestamp: field is immutable")
-        return web.json_response(self.patch(rtype.plural, m["namespace"], m["name"], body))
+        return web.json_response(self.patch(rtype.plural, m.get("namespace", ""), m["name"], body))
 
     async def _delete(self, request: web.Request) -> web.Response:
         rtype = self._resolve(request)
         m = request.match_info
-        result = self.delete(rtype.plural, m["namespace"], m["name"], graceful=rtype.kind == "Pod")
+        result = self.delete(rtype.plural, m.get("namespace", ""), m["name"], graceful=rtype.kind == "Pod")
         return web.json_response(result)
 
 
@@ -1210,6 +1232,15 @@ def assigned_identity(
             "nodename": node,
         },
         "status": {"status": state, "availableReplicas": 1},
+    }
+
+
+def node(name: str, *, provider_id: str = "", labels: Mapping[str, str] | None = None) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": name, "labels": dict(labels or {})},
+        "spec": {"providerID": provider_id} if provider_id else {},
     }
 
 

@@ -578,6 +578,51 @@ class KubeClient:
             raise KubeUnavailable(f"GET {path}: response is not a JSON object")
         return result
 
+    async def write(
+        self,
+        method: str,
+        path: str,
+        body: Mapping[str, Any] | None = None,
+        *,
+        content_type: str = "application/json",
+    ) -> dict[str, Any]:
+        """POST/PUT/PATCH/DELETE with a JSON body; returns the object (or Status) the server sent.
+
+        Errors as ``get``. Writes are never retried here: the caller knows whether a repeat is safe.
+        """
+        await self._limiter.acquire()
+        headers = await self._headers()
+        data: bytes | None = None
+        if body is not None:
+            data = json.dumps(body, separators=(",", ":")).encode()
+            headers["Content-Type"] = content_type
+        try:
+            async with (
+                asyncio.timeout(self._settings.request_timeout_s),
+                self._session.request(
+                    method,
+                    self._url(path),
+                    data=data,
+                    headers=headers,
+                    timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._settings.connect_timeout_s),
+                    **self._extra,
+                ) as resp,
+            ):
+                raw = await resp.read()
+                status = resp.status
+                retry_after = _retry_after(resp.headers)
+        except TimeoutError as exc:
+            raise KubeUnavailable(
+                f"{method} {path}: no answer within {self._settings.request_timeout_s}s"
+            ) from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise KubeUnavailable(f"{method} {path}: {exc or type(exc).__name__}") from exc
+        if status not in (200, 201, 202):
+            self._on_error_status(status)
+            raise api_error_from_status(status, _json_or_none(raw[:_MAX_ERROR_BODY]), retry_after)
+        result = _json_or_none(raw)
+        return result if isinstance(result, dict) else {}
+
     def _on_error_status(self, status: int) -> None:
         if status == 401:
             self._connection.auth.invalidate()

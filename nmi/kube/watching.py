@@ -26,6 +26,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from prometheus_client import Counter
+
 from nmi.kube.client import (
     KubeApiError,
     KubeClient,
@@ -36,7 +38,6 @@ from nmi.kube.client import (
 )
 from nmi.kube.health import WatchHealth
 from nmi.kube.settings import KubeSettings
-from nmi.metrics import Metrics
 from nmi.model import KubeObject, ObjectKey, parse_object
 
 log = logging.getLogger("nmi.kube")
@@ -68,10 +69,18 @@ class Resource:
         return params
 
 
-class Sink(Protocol):
-    def replace(self, objects: list[KubeObject]) -> None: ...
+class WatchMetrics(Protocol):
+    """What a watcher records: NMI's ``Metrics`` and MIC's metrics both have it."""
 
-    def apply(self, obj: KubeObject) -> None: ...
+    @property
+    def kube_errors(self) -> Counter: ...
+
+
+class Sink(Protocol):
+    # Objects are whatever the watcher's ``parse`` makes: ``KubeObject`` with the default parser.
+    def replace(self, objects: list[Any]) -> None: ...
+
+    def apply(self, obj: Any) -> None: ...
 
     def remove(self, key: ObjectKey) -> None: ...
 
@@ -134,12 +143,14 @@ class Watcher:
         sink: Sink,
         *,
         settings: KubeSettings,
-        metrics: Metrics,
+        metrics: WatchMetrics,
         health: WatchHealth,
         rng: Callable[[], float] = random.random,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,  # tests may record waits
+        parse: Callable[[dict[str, Any]], Any] = parse_object,  # other kinds (MIC's nodes) bring their own
     ) -> None:
         self._client = client
+        self._parse_raw = parse
         self._resource = resource
         self._sink = sink
         self._settings = settings
@@ -285,7 +296,8 @@ class Watcher:
         # List items come without kind; watch objects have it. Either way it is this resource's.
         raw.setdefault("kind", self._resource.kind)
         try:
-            return parse_object(raw)
+            parsed: KubeObject = self._parse_raw(raw)
+            return parsed
         except Exception as exc:
             # Any shape error (ConfigError, or a TypeError from a type we did not foresee) must
             # cost this object only, never the watch.

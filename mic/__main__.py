@@ -1,0 +1,3 @@
+from mic.cli import main
+
+main()

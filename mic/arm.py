@@ -1,0 +1,238 @@
+"""Resource Manager client for VM/VMSS identities: GET, PATCH + long-running-operation polling.
+
+* Every call has a deadline (``request_timeout_s``); an operation is polled until
+  ``lro_timeout_s``, at the pace of its ``Retry-After`` (else ``lro_default_poll_s``), never faster
+  than ``lro_min_poll_s``.
+* 429 closes a gate for that one VM/VMSS and that kind of call (read or write) until Retry-After
+  passes; calls meanwhile fail at once with ``ArmThrottled`` and make no request (the original's gates
+  were per client, so one hot scale set stalled all others, mic-spec §6.6). 429 is not retried
+  here: the reconciler retries the VM/VMSS when the gate opens.
+* 401 drops the cached token; errors carry ARM's ``error.code`` so callers never parse text, except
+  for the identity IDs ARM names only in the message of ``LinkedAuthorizationFailed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from collections.abc import Callable, Mapping
+from email.utils import parsedate_to_datetime
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from mic.credentials import ArmCredential, CredentialError
+from mic.metrics import OP_VM_GET, OP_VM_UPDATE, OP_VMSS_GET, OP_VMSS_UPDATE, MicMetrics
+from mic.model import ArmTarget
+from mic.settings import ArmSettings
+
+log = logging.getLogger("mic.arm")
+
+LINKED_AUTHORIZATION_FAILED = "LinkedAuthorizationFailed"
+FAILED_IDENTITY_OPERATION = "FailedIdentityOperation"
+MAX_BODY_BYTES = 4 * 1024 * 1024
+
+
+class ArmError(Exception):
+    def __init__(self, status: int, code: str, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(f"{status} {code}: {message}" if message else f"{status} {code}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.retry_after = retry_after
+
+
+class ArmThrottled(ArmError):
+    """A 429, or a call refused locally because the resource's gate is still closed."""
+
+    def __init__(self, until: float, message: str) -> None:
+        super().__init__(429, "TooManyRequests", message)
+        self.until = until
+        """``clock()`` time the gate opens."""
+
+
+_IDENTITY_ID = re.compile(
+    r"/subscriptions/[^/'\",\s]+/resourcegroups/[^/'\",\s]+/providers/microsoft\.managedidentity/"
+    r"userassignedidentities/[^/'\",\s]+",
+    re.IGNORECASE,
+)
+
+
+def identities_named(error: ArmError) -> set[str]:
+    """Folded identity IDs an authorisation error names (the original parsed the same text)."""
+    return {m.group(0).casefold() for m in _IDENTITY_ID.finditer(error.message)}
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError):
+        return None
+    return max(0.0, when - (time.time() if now is None else now))
+
+
+Access = Literal["read", "write"]
+
+
+class ArmClient:
+    def __init__(
+        self,
+        settings: ArmSettings,
+        session: aiohttp.ClientSession,
+        credential: ArmCredential,
+        metrics: MicMetrics,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Any] = asyncio.sleep,
+    ) -> None:
+        self._settings = settings
+        self._session = session
+        self._credential = credential
+        self._metrics = metrics
+        self._clock = clock
+        self._sleep = sleep
+        self._base = settings.endpoint.rstrip("/")
+        self._host = urlsplit(self._base).netloc
+        self._gates: dict[tuple[tuple[str, str, str, str], Access], float] = {}
+
+    def gate(self, target: ArmTarget) -> float:
+        """``clock()`` time until which calls on ``target`` are held back (0: open)."""
+        now = self._clock()
+        until = max(
+            self._gates.get((target.folded, "read"), 0.0), self._gates.get((target.folded, "write"), 0.0)
+        )
+        return until if until > now else 0.0
+
+    async def get(self, target: ArmTarget) -> dict[str, Any]:
+        op = OP_VMSS_GET if target.is_vmss else OP_VM_GET
+        started = self._clock()
+        try:
+            status, body, _ = await self._call("GET", target, "read", None)
+        except ArmError:
+            self._metrics.cloud_errors[op].inc()
+            raise
+        self._metrics.cloud_duration[op].observe(self._clock() - started)
+        if not isinstance(body, dict):
+            raise ArmError(status, "InvalidResponse", "the resource is not a JSON object")
+        return body
+
+    async def patch(self, target: ArmTarget, body: Mapping[str, Any]) -> None:
+        """PATCH and wait for the operation to finish; ``ArmError`` if it was refused or failed."""
+        op = OP_VMSS_UPDATE if target.is_vmss else OP_VM_UPDATE
+        started = self._clock()
+        try:
+            status, _, headers = await self._call("PATCH", target, "write", body)
+            if status in (201, 202):
+                await self._wait(target, headers)
+        except ArmError:
+            self._metrics.cloud_errors[op].inc()
+            raise
+        self._metrics.cloud_duration[op].observe(self._clock() - started)
+
+    async def _wait(self, target: ArmTarget, headers: Mapping[str, str]) -> None:
+        async_url = headers.get("Azure-AsyncOperation")
+        location = headers.get("Location")
+        if not async_url and not location:
+            return  # 201 without polling headers: already done
+        deadline = self._clock() + self._settings.lro_timeout_s
+        delay = parse_retry_after(headers.get("Retry-After"))
+        while True:
+            pause = self._settings.lro_default_poll_s if delay is None else delay
+            pause = max(pause, self._settings.lro_min_poll_s)
+            if self._clock() + pause > deadline:
+                raise ArmError(0, "OperationTimeout", f"{target}: operation not finished in time")
+            await self._sleep(pause)
+            url = async_url or location
+            assert url is not None
+            status, body, poll_headers = await self._request("GET", url, None, target, "read")
+            delay = parse_retry_after(poll_headers.get("Retry-After"))
+            if async_url:
+                state = str(body.get("status", "")) if isinstance(body, dict) else ""
+                if state.casefold() == "succeeded":
+                    return
+                if state.casefold() in ("failed", "canceled"):
+                    error = body.get("error") if isinstance(body, dict) else None
+                    code, message = _error_fields(error, state)
+                    raise ArmError(200, code, message)
+            elif status != 202:
+                return
+
+    async def _call(
+        self, method: str, target: ArmTarget, access: Access, body: Mapping[str, Any] | None
+    ) -> tuple[int, Any, Mapping[str, str]]:
+        url = f"{self._base}{target.path}?api-version={self._settings.api_version}"
+        return await self._request(method, url, body, target, access)
+
+    async def _request(
+        self, method: str, url: str, body: Mapping[str, Any] | None, target: ArmTarget, access: Access
+    ) -> tuple[int, Any, Mapping[str, str]]:
+        key = (target.folded, access)
+        until = self._gates.get(key, 0.0)
+        if until > self._clock():
+            raise ArmThrottled(until, f"{target}: throttled for another {until - self._clock():.1f}s")
+        headers = {"Accept": "application/json"}
+        if urlsplit(url).netloc == self._host:  # never hand the token to another host
+            try:
+                headers["Authorization"] = f"Bearer {await self._credential.token()}"
+            except CredentialError as exc:
+                raise ArmError(401, "NoToken", str(exc)) from exc
+        data = None
+        if body is not None:
+            data = json.dumps(body, separators=(",", ":")).encode()
+            headers["Content-Type"] = "application/json"
+        try:
+            async with (
+                asyncio.timeout(self._settings.request_timeout_s),
+                self._session.request(
+                    method,
+                    url,
+                    data=data,
+                    headers=headers,
+                    allow_redirects=False,
+                    timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._settings.connect_timeout_s),
+                ) as resp,
+            ):
+                raw = await resp.content.read(MAX_BODY_BYTES)
+                status = resp.status
+                resp_headers = dict(resp.headers)
+        except TimeoutError as exc:
+            raise ArmError(
+                0, "Timeout", f"{method} {target}: no answer in {self._settings.request_timeout_s}s"
+            ) from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise ArmError(0, "Transport", f"{method} {target}: {exc or type(exc).__name__}") from exc
+        parsed: Any = None
+        if raw:
+            try:
+                parsed = json.loads(raw)
+            except ValueError:
+                parsed = None
+        if status < 400:
+            return status, parsed, resp_headers
+        retry_after = parse_retry_after(resp_headers.get("Retry-After"))
+        code, message = _error_fields(parsed.get("error") if isinstance(parsed, dict) else None, str(status))
+        if status == 401:
+            self._credential.invalidate()
+        if status == 429:
+            wait = retry_after if retry_after is not None else self._settings.throttle_default_s
+            until = self._clock() + wait
+            self._gates[key] = until
+            log.warning("%s %s: throttled by ARM; no %s calls for %.1fs", method, target, access, wait)
+            raise ArmThrottled(until, f"{method} {target}: 429 {message}")
+        raise ArmError(status, code, message, retry_after=retry_after)
+
+
+def _error_fields(error: Any, fallback: str) -> tuple[str, str]:
+    if isinstance(error, dict):
+        return str(error.get("code") or fallback), str(error.get("message") or "")
+    return fallback, ""

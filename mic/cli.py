@@ -1,0 +1,165 @@
+"""Command line: the original MIC's flags (mic-spec §2) and ours, into one ``MicSettings``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import re
+import signal
+import sys
+from collections.abc import Mapping, Sequence
+
+from mic.app import App
+from mic.settings import (
+    ARM_PUBLIC,
+    IMDS_DEFAULT,
+    ArmSettings,
+    MicSettings,
+    ReconcileSettings,
+    azure_config_from_env,
+    parse_azure_config,
+)
+from nmi import __version__
+from nmi.cli import _flag, _port
+from nmi.errors import ConfigError
+
+log = logging.getLogger("mic")
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def go_duration(text: str) -> float:
+    """Go's ``time.ParseDuration`` (``3m``, ``1h30m``, ``500ms``), or plain seconds."""
+    text = text.strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    pos = 0
+    total = 0.0
+    for m in _DURATION_PART.finditer(text):
+        if m.start() != pos:
+            break
+        total += float(m.group(1)) * _UNITS[m.group(2)]
+        pos = m.end()
+    if pos != len(text) or not text:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r}")
+    return total
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mic", description="Managed Identity Controller", allow_abbrev=False)
+    p.add_argument("--version", action="store_true")
+    p.add_argument("--kubeconfig", default="")
+    p.add_argument("--cloudconfig", default="", help="azure.json; empty: environment variables")
+    _flag(p, "--forceNamespaced", False, "pod, binding and identity in one namespace; AAIs there too")
+    p.add_argument("--immutable-user-msis", default="", help="client IDs never removed from VMs/VMSSs")
+    p.add_argument("--http-probe-port", type=_port, default=8080)
+    p.add_argument("--prometheus-port", type=_port, default=8888)
+    p.add_argument("--identity-assignment-reconcile-interval", type=go_duration, default=180.0)
+    p.add_argument("--syncRetryDuration", type=go_duration, default=3600.0)
+    p.add_argument("--update-user-msi-max-retry", type=int, default=2)
+    p.add_argument("--update-user-msi-retry-interval", type=go_duration, default=1.0)
+    p.add_argument("--createDeleteBatch", type=int, default=20)
+    p.add_argument("--clientQps", type=float, default=5.0)
+    p.add_argument("--max-concurrent-vm-updates", type=int, default=10, help="VMs/VMSSs worked on at once")
+    p.add_argument("--arm-endpoint", default="", help="Resource Manager URL (private clouds; default public)")
+    p.add_argument("--imds-endpoint", default=IMDS_DEFAULT, help="IMDS URL for MIC's own managed identity")
+    p.add_argument("--arm-token-file", default="", help="ARM bearer token file (tests, break-glass)")
+    p.add_argument("--arm-audience", default=ARM_PUBLIC, help="token audience for Resource Manager")
+    # Accepted for compatibility with the chart; leader election is not implemented (one replica).
+    for name in (
+        "--leader-election-instance",
+        "--leader-election-namespace",
+        "--leader-election-name",
+        "--leader-election-duration",
+        "--config-map-name",
+        "--type-upgrade-status-key",
+        "--custom-user-agent",
+        "--log-format",
+        "--v",
+    ):
+        p.add_argument(name, default=None, help=argparse.SUPPRESS)
+    for name in ("--enableScaleFeatures", "--enableProfile", "--enable-type-upgrade", "--logtostderr"):
+        _flag(p, name, False, argparse.SUPPRESS)
+    return p
+
+
+def _go_style(argv: Sequence[str]) -> list[str]:
+    """Go's flag package takes ``-name``; argparse wants ``--name`` for long names."""
+    return [f"-{a}" if re.match(r"^-[A-Za-z][\w-]+", a) else a for a in argv]
+
+
+def settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> MicSettings:
+    if args.cloudconfig:
+        try:
+            with open(args.cloudconfig, encoding="utf-8") as f:
+                azure = parse_azure_config(f.read(), source=args.cloudconfig)
+        except OSError as exc:
+            raise ConfigError(f"cannot read --cloudconfig {args.cloudconfig}: {exc}") from exc
+    else:
+        azure = azure_config_from_env(environ)
+    immutable = {c.strip().casefold() for c in args.immutable_user_msis.split(",") if c.strip()}
+    if azure.user_assigned_identity_id:
+        immutable.add(azure.user_assigned_identity_id.casefold())  # the cluster identity (mic-spec §3.9)
+    force = bool(args.forceNamespaced) or environ.get("FORCENAMESPACED", "").casefold() == "true"
+    arm = ArmSettings(endpoint=args.arm_endpoint or ARM_PUBLIC, audience=args.arm_audience)
+    return MicSettings(
+        kubeconfig=args.kubeconfig,
+        azure=azure,
+        arm=arm,
+        reconcile=ReconcileSettings(
+            force_namespaced=force,
+            immutable_client_ids=frozenset(immutable),
+            drift_interval_s=args.identity_assignment_reconcile_interval,
+            full_resync_s=args.syncRetryDuration,
+            update_max_retry=args.update_user_msi_max_retry,
+            update_retry_interval_s=args.update_user_msi_retry_interval,
+            kube_write_concurrency=max(1, args.createDeleteBatch),
+            max_concurrent_targets=max(1, args.max_concurrent_vm_updates),
+        ),
+        imds_endpoint=args.imds_endpoint,
+        arm_token_file=args.arm_token_file,
+        http_probe_port=args.http_probe_port,
+        prometheus_port=args.prometheus_port,
+    )
+
+
+def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> MicSettings:
+    parser = build_parser()
+    args = parser.parse_args(_go_style(sys.argv[1:] if argv is None else argv))
+    if args.version:
+        print(f"MIC Version: {__version__}")
+        raise SystemExit(0)
+    return settings_from(args, os.environ if environ is None else environ)
+
+
+async def _run(settings: MicSettings) -> int:
+    app = App(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await app.start()
+    except ConfigError as exc:
+        log.error("%s", exc)
+        await app.stop()
+        return 2
+    await stop.wait()
+    log.info("MIC stopping")
+    await app.stop()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    try:
+        settings = parse(argv)
+    except ConfigError as exc:
+        print(f"mic: {exc}", file=sys.stderr)
+        sys.exit(2)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sys.exit(asyncio.run(_run(settings)))

@@ -1,0 +1,415 @@
+"""The level-triggered reconciler: events mark dirty, one cycle plans, per-VM/VMSS workers act.
+
+* **Coalesced.** Watch events only set a flag; a cycle starts ``debounce_s`` after the first one and
+  reads whatever the caches hold then, so a burst of N events costs one cycle (mic-spec §6.2).
+* **A cycle is pure and quick**: desired set, diff, grouping by VM/VMSS (``mic.desired``,
+  ``mic.diff``). It never waits for Azure: it starts one worker per VM/VMSS that has work, at most
+  ``max_concurrent_targets`` at once, and skips a VM/VMSS whose worker is still running (that worker
+  marks dirty when it ends) or that is backing off. One slow scale set no longer holds up every other
+  node (mic-spec §6.4).
+* **A worker** (mic-spec §3.5): writes the AAIs (POST/PUT with ``Created``), GETs the VM/VMSS,
+  PATCHes only the delta (``mic.armbody``), retries once per round without identities ARM refused
+  (``LinkedAuthorizationFailed``), and then resolves **per identity by reading Azure back**: an AAI
+  becomes ``Assigned`` only when its identity is on the VM/VMSS; an identity meant to leave is gone
+  before its AAI goes ``Unassigned`` and is deleted. Whatever is left undone makes the worker fail,
+  and the VM/VMSS is retried after a doubling delay (or when its 429 gate opens), not only on the
+  next event (mic-spec §6.10).
+* **Drift repair** every ``drift_interval_s``: each VM/VMSS with ``Assigned`` AAIs is read, and
+  missing identities are attached again (mic-spec §3.8); it never detaches anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol, TypeVar
+
+from mic.arm import (
+    FAILED_IDENTITY_OPERATION,
+    LINKED_AUTHORIZATION_FAILED,
+    ArmError,
+    ArmThrottled,
+    identities_named,
+)
+from mic.armbody import identity_patches, user_identities
+from mic.desired import Assignment, desired_assignments, render
+from mic.diff import TargetWork, diff, plan_work
+from mic.metrics import MicMetrics
+from mic.model import ArmTarget, Node, target_of
+from mic.settings import AzureConfig, ReconcileSettings
+from nmi.model import (
+    ASSIGNED,
+    CREATED,
+    UNASSIGNED,
+    AzureAssignedIdentity,
+    AzureIdentity,
+    AzureIdentityBinding,
+    Pod,
+)
+from nmi.state import ClusterState
+
+log = logging.getLogger("mic.reconcile")
+
+TargetKey = tuple[str, str, str, str]
+NODE_GONE: TargetKey = ("", "", "node-gone", "")
+T = TypeVar("T")
+
+
+class Arm(Protocol):
+    def gate(self, target: ArmTarget) -> float: ...
+
+    async def get(self, target: ArmTarget) -> dict[str, Any]: ...
+
+    async def patch(self, target: ArmTarget, body: Mapping[str, Any]) -> None: ...
+
+
+class Writer(Protocol):
+    async def create(self, body: dict[str, Any]) -> AzureAssignedIdentity | None: ...
+
+    async def replace(self, body: dict[str, Any]) -> AzureAssignedIdentity | None: ...
+
+    async def set_status(self, aai: AzureAssignedIdentity, status: str) -> AzureAssignedIdentity: ...
+
+    async def delete(self, aai: AzureAssignedIdentity) -> None: ...
+
+
+class Reconciler:
+    def __init__(
+        self,
+        *,
+        state: ClusterState,
+        nodes: Callable[[], Mapping[str, Node]],
+        ready: Callable[[], bool],
+        writer: Writer,
+        arm: Arm,
+        azure: AzureConfig,
+        settings: ReconcileSettings,
+        metrics: MicMetrics,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._state = state
+        self._nodes = nodes
+        self._ready = ready
+        self._writer = writer
+        self._arm = arm
+        self._azure = azure
+        self._settings = settings
+        self._metrics = metrics
+        self._clock = clock
+        self._dirty = asyncio.Event()
+        self._slots = asyncio.Semaphore(settings.max_concurrent_targets)
+        self._workers: dict[TargetKey, asyncio.Task[None]] = {}
+        self._retry_at: dict[TargetKey, float] = {}
+        self._attempts: dict[TargetKey, int] = {}
+        self._timers: set[asyncio.TimerHandle] = set()
+        self._drift_all = False
+        self._drift_pending: set[TargetKey] = set()
+        self._clashes_seen: set[str] = set()
+        self.cycles = 0
+        self.last_cycle_at: float | None = None
+        self.last_error = ""
+        self.pending_targets = 0
+        self.last_done_at: float | None = None
+        """When the last cycle found nothing left to do (or a worker finished everything)."""
+
+    # --- triggers -------------------------------------------------------------------------------
+
+    def mark_dirty(self) -> None:
+        self._dirty.set()
+
+    def request_drift_repair(self) -> None:
+        self._drift_all = True
+        self.mark_dirty()
+
+    def _mark_dirty_in(self, delay: float) -> None:
+        handle = asyncio.get_running_loop().call_later(max(0.0, delay), self._timer_fired)
+        self._timers.add(handle)
+
+    def _timer_fired(self) -> None:
+        self._timers = {
+            t for t in self._timers if not t.cancelled() and t.when() > asyncio.get_running_loop().time()
+        }
+        self.mark_dirty()
+
+    # --- the loop -------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Forever: wait for a mark, let the burst settle, run one cycle."""
+        try:
+            while True:
+                await self._dirty.wait()
+                await asyncio.sleep(self._settings.debounce_s)
+                self._dirty.clear()
+                try:
+                    self.cycle()
+                    self.last_error = ""
+                except Exception as exc:
+                    # A bug or a malformed object must not end reconciliation: log, retry later.
+                    self.last_error = repr(exc)
+                    log.exception("reconcile cycle failed; retrying in %.1fs", self._settings.retry_max_s)
+                    self._mark_dirty_in(self._settings.retry_max_s)
+        finally:
+            for handle in self._timers:
+                handle.cancel()
+            workers = list(self._workers.values())
+            for task in workers:
+                task.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+
+    async def run_every(self, interval_s: float, action: Callable[[], None]) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            action()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._workers) or self._dirty.is_set()
+
+    def cycle(self) -> None:
+        """Plan from the caches and start the workers; never waits on I/O."""
+        if not self._ready():
+            return
+        started = self._clock()
+        self.cycles += 1
+        self.last_cycle_at = started
+        clashes: list[str] = []
+        desired = desired_assignments(
+            self._state.all(Pod),
+            self._state.all(AzureIdentity),
+            self._state.all(AzureIdentityBinding),
+            force_namespaced=self._settings.force_namespaced,
+            clashes=clashes,
+        )
+        for clash in clashes:
+            if clash not in self._clashes_seen:
+                self._clashes_seen.add(clash)
+                log.warning("two bindings give one AAI name; the first wins: %s", clash)
+        plan = diff(desired, self._state.all(AzureAssignedIdentity))
+        node_targets = {
+            name: target_of(
+                node, subscription=self._azure.subscription_id, resource_group=self._azure.resource_group
+            )
+            for name, node in self._nodes().items()
+        }
+        work = plan_work(plan, desired, node_targets, immutable=self._settings.immutable_client_ids)
+        if self._drift_all:
+            self._drift_all = False
+            self._drift_pending |= {k for k, tw in work.targets.items() if tw.expected_ids}
+        now = self._clock()
+        pending = 0
+        spawned = 0
+        if work.node_gone:
+            pending += 1
+            if NODE_GONE not in self._workers and self._retry_at.get(NODE_GONE, 0.0) <= now:
+                self._spawn(NODE_GONE, self._delete_node_gone(work.node_gone), None)
+                spawned += 1
+        for key, tw in work.targets.items():
+            verify = key in self._drift_pending
+            if not (tw.has_changes or (verify and tw.expected_ids)):
+                continue
+            pending += 1
+            if key in self._workers or self._retry_at.get(key, 0.0) > now:
+                continue  # the worker's end or the retry timer marks dirty again
+            self._drift_pending.discard(key)
+            self._spawn(key, self._apply(tw, verify=verify), tw.target)
+            spawned += 1
+        self._drift_pending &= set(work.targets)
+        self.pending_targets = pending + work.waiting_for_node
+        self._metrics.pending.set(self.pending_targets)
+        if pending == 0:
+            self.last_done_at = now
+        if spawned:
+            self._metrics.cycle_count.inc()
+            self._metrics.cycle_duration.observe(self._clock() - started)
+            log.info(
+                "reconcile: %d desired, %d AAIs; started %d VM/VMSS worker(s), %d pending",
+                len(desired),
+                self._state.count(AzureAssignedIdentity),
+                spawned,
+                pending,
+            )
+
+    def _spawn(self, key: TargetKey, job: Awaitable[bool], target: ArmTarget | None) -> None:
+        name = str(target) if target is not None else "node-gone"
+        self._workers[key] = asyncio.create_task(self._worker(key, job, target), name=f"mic-worker-{name}")
+
+    async def _worker(self, key: TargetKey, job: Awaitable[bool], target: ArmTarget | None) -> None:
+        ok = False
+        try:
+            async with self._slots:
+                ok = await job
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("worker for %s failed", target or "deleted nodes")
+        finally:
+            self._workers.pop(key, None)
+        now = self._clock()
+        if ok:
+            self._attempts.pop(key, None)
+            self._retry_at.pop(key, None)
+        else:
+            attempt = self._attempts.get(key, 0) + 1
+            self._attempts[key] = attempt
+            delay = min(
+                self._settings.retry_max_s, self._settings.retry_initial_s * 2 ** min(attempt - 1, 20)
+            )
+            if target is not None:
+                gate = self._arm.gate(target)
+                if gate:
+                    delay = max(delay, gate - now)
+            self._retry_at[key] = now + delay
+            log.info(
+                "%s: work left; retrying in %.1fs (attempt #%d)", target or "deleted nodes", delay, attempt
+            )
+            self._mark_dirty_in(delay)
+        self.mark_dirty()
+
+    # --- one VM/VMSS ----------------------------------------------------------------------------
+
+    async def _bounded(self, jobs: list[Awaitable[T]]) -> list[T | BaseException]:
+        gate = asyncio.Semaphore(self._settings.kube_write_concurrency)
+
+        async def one(job: Awaitable[T]) -> T:
+            async with gate:
+                return await job
+
+        return await asyncio.gather(*(one(j) for j in jobs), return_exceptions=True)
+
+    async def _apply(self, tw: TargetWork, *, verify: bool) -> bool:
+        target = tw.target
+        ok = True
+        pending: list[tuple[AzureAssignedIdentity, Assignment]] = []
+        created = await self._bounded([self._writer.create(render(a, status=CREATED)) for a in tw.create])
+        replaced = await self._bounded(
+            [
+                self._writer.replace(render(a, status=CREATED, resource_version=old.resource_version))
+                for old, a in tw.update
+            ]
+        )
+        for a, result in [
+            *zip(tw.create, created, strict=True),
+            *zip((a for _, a in tw.update), replaced, strict=True),
+        ]:
+            if isinstance(result, BaseException):
+                log.warning("%s: cannot write AAI %s/%s: %s", target, a.namespace, a.name, result)
+                ok = False
+            elif result is None:
+                ok = False  # a conflict: the server's copy is cached, the next round plans from it
+            else:
+                pending.append((result, a))
+        pending += tw.confirm
+
+        want = {a.identity.resource_id_folded: a.identity.resource_id for _, a in pending if a.needs_arm}
+        if verify:
+            want.update(tw.expected_ids)
+        remove = dict(tw.remove_ids)
+        present: set[str] | None = set()
+        if want or remove:
+            try:
+                present = await self._sync_arm(target, want, remove)
+            except ArmError as exc:
+                log.warning("%s: %s", target, exc)
+                present = None  # Azure's state is unknown: change no AAI that depends on it
+
+        for aai, a in pending:
+            if a.needs_arm and (present is None or a.identity.resource_id_folded not in present):
+                ok = False  # stays Created; retried
+                continue
+            if aai.state != ASSIGNED:
+                try:
+                    await self._writer.set_status(aai, ASSIGNED)
+                except Exception as exc:
+                    log.warning("%s: cannot mark %s Assigned: %s", target, aai.key, exc)
+                    ok = False
+        for aai in tw.delete:
+            rid = aai.identity.resource_id_folded
+            detached = rid in remove
+            if detached and (present is None or rid in present):
+                ok = False  # still on the VM/VMSS: keep the AAI so the removal is retried
+                continue
+            try:
+                if detached:
+                    aai = await self._writer.set_status(aai, UNASSIGNED)
+                await self._writer.delete(aai)
+            except Exception as exc:
+                log.warning("%s: cannot delete AAI %s: %s", target, aai.key, exc)
+                ok = False
+        return ok
+
+    async def _sync_arm(self, target: ArmTarget, want: dict[str, str], remove: dict[str, str]) -> set[str]:
+        """Make ``want`` present and ``remove`` absent; returns the folded IDs now on the VM/VMSS."""
+        resource = await self._arm.get(target)
+        if str((resource.get("properties") or {}).get("provisioningState", "")).casefold() == "deleting":
+            raise ArmError(409, "Deleting", f"{target} is being deleted")
+        present = set(user_identities(resource))
+        to_add = {f: r for f, r in want.items() if f not in present}
+        to_remove = {f: r for f, r in remove.items() if f in present and f not in want}
+        if not to_add and not to_remove:
+            return present
+        failed: ArmError | None = None
+        for attempt in range(self._settings.update_max_retry + 1):
+            try:
+                for body in identity_patches(resource, to_add.values(), to_remove.values()):
+                    await self._arm.patch(target, body)
+                break
+            except ArmThrottled:
+                raise
+            except ArmError as exc:
+                failed = exc
+                named = (
+                    identities_named(exc)
+                    if exc.code in (LINKED_AUTHORIZATION_FAILED, FAILED_IDENTITY_OPERATION)
+                    else set()
+                )
+                kept_add = {f: r for f, r in to_add.items() if f not in named}
+                kept_remove = {f: r for f, r in to_remove.items() if f not in named}
+                if not named or (len(kept_add), len(kept_remove)) == (len(to_add), len(to_remove)):
+                    break
+                log.warning(
+                    "%s: ARM refused %d identit(ies) (%s); retrying without them (#%d)",
+                    target,
+                    len(to_add) + len(to_remove) - len(kept_add) - len(kept_remove),
+                    exc.code,
+                    attempt + 1,
+                )
+                to_add, to_remove = kept_add, kept_remove
+                if not to_add and not to_remove:
+                    break
+                await asyncio.sleep(self._settings.update_retry_interval_s)
+                resource = await self._arm.get(target)
+        if failed is None:
+            return (present | set(to_add)) - set(to_remove)
+        # Resolve per identity from what Azure now holds (mic-spec §3.5 step 4).
+        return set(user_identities(await self._arm.get(target)))
+
+    async def _delete_node_gone(self, aais: list[AzureAssignedIdentity]) -> bool:
+        results = await self._bounded([self._writer.delete(aai) for aai in aais])
+        failures = [r for r in results if isinstance(r, BaseException)]
+        for failure in failures:
+            log.warning("cannot delete an AAI of a deleted node: %s", failure)
+        return not failures
+
+    # --- health ---------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        now = self._clock()
+        return {
+            "cycles": self.cycles,
+            "last_cycle_age_s": None if self.last_cycle_at is None else round(now - self.last_cycle_at, 3),
+            "last_done_age_s": None if self.last_done_at is None else round(now - self.last_done_at, 3),
+            "pending_targets": self.pending_targets,
+            "workers": len(self._workers),
+            "last_error": self.last_error,
+        }
+
+    def healthy(self) -> bool:
+        """Caches listed, and either nothing is pending or the work completed recently enough."""
+        if not self._ready() or self.last_cycle_at is None or self.last_error:
+            return False
+        if self.pending_targets == 0:
+            return True
+        reference = self.last_done_at if self.last_done_at is not None else self.last_cycle_at
+        return self._clock() - reference < self._settings.stale_after_s
