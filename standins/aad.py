@@ -30,7 +30,6 @@ import asyncio
 import base64
 import binascii
 import collections
-import contextlib
 import datetime as dt
 import hashlib
 import hmac
@@ -802,8 +801,7 @@ async def _serve(args: argparse.Namespace) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, stop.set)
     try:
         await stop.wait()
     finally:
