@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import Awaitable, Callable
 from functools import lru_cache
@@ -34,6 +35,7 @@ JSON: Headers = ((b"content-type", b"application/json; charset=utf-8"),)
 TOKEN_OPERATION = "/metadata/identity/oauth2/token"
 HOST_OPERATION = "/host/token/"
 UNSUPPORTED_SELECTORS = ("object_id", "principal_id")
+_API_VERSION = re.compile(r"\d{4}-\d{2}-\d{2}(-[A-Za-z0-9.]{1,32})?")
 # Well-known audiences are kept as metric labels; anything else is "other", so a pod cannot
 # grow the metric's cardinality by inventing resources.
 KNOWN_RESOURCES = frozenset(
@@ -230,6 +232,11 @@ class NmiHandler:
             resource_id=(params.get("msi_res_id") or params.get("mi_res_id", "")).casefold(),
         )
         api_version = params.get("api-version") or self._api_version
+        if _API_VERSION.fullmatch(api_version) is None:
+            # It is forwarded upstream and shared by every pod joining the same fetch: one pod's
+            # nonsense must not become another pod's refusal.
+            error = BadRequest("api-version must look like 2018-02-01")
+            return self._observe_token(request, TOKEN_OPERATION, error_response(error), "", resource)
         tenant_id = params.get("tenant_id", "")
         pod: Pod | None = None
         try:
@@ -265,7 +272,9 @@ class NmiHandler:
                 response = await self._proxy.forward(request, "/metadata/identity/oauth2/token")
                 return self._observe_token(request, TOKEN_OPERATION, response, pod.namespace, resource)
             token_request = self._service.request_for(decision.identity, resource, api_version, tenant_id)
-            token = await self._service.token(token_request, deadline=self._service.deadline())
+            token = await self._service.token(
+                token_request, deadline=self._service.deadline(), caller=pod.key
+            )
             return self._granted_response(request, pod, decision, resource, token)
         except NmiError as exc:
             return self._failed(request, exc, pod=pod, resource=resource)
@@ -378,7 +387,9 @@ class NmiHandler:
             if not isinstance(decision, Grant):
                 raise IdentityNotFound(f"pod {namespace}/{name} is excepted and has no identity of its own")
             token_request = self._service.request_for(decision.identity, resource, self._api_version)
-            token = await self._service.token(token_request, deadline=self._service.deadline())
+            token = await self._service.token(
+                token_request, deadline=self._service.deadline(), caller=pod.key
+            )
         except NmiError as exc:
             self._audit.record("denied", pod=f"{namespace}/{name}", status=exc.status, via="host_token")
             return self._observe(request, "host_token", error_response(exc))

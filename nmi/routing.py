@@ -44,7 +44,8 @@ def canonical(path: str) -> str | None:
     if "%" in path:
         # An escaped separator or dot hides a segment boundary from whoever reads the raw path.
         lowered = path.lower()
-        if "%2f" in lowered or "%5c" in lowered or "%2e" in lowered:
+        # %25 would survive one decoding as a new escape: whoever decodes again sees another path.
+        if "%2f" in lowered or "%5c" in lowered or "%2e" in lowered or "%25" in lowered:
             return None
     segments = decoded.split("/")[1:]
     if segments and segments[-1] == "":

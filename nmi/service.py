@@ -22,6 +22,7 @@ from nmi.resolver import Decision, Deny, Grant, IdentityQuery, PassThrough, Pend
 from nmi.settings import Settings
 from nmi.state import ClusterState
 from nmi.tokens.cache import TokenCache
+from nmi.tokens.fairness import CallerSlots
 from nmi.tokens.model import Token, TokenRequest, TokenSource
 
 
@@ -47,6 +48,7 @@ class TokenService:
         self._metrics = metrics
         self._clock = clock
         self._loop = loop
+        self._callers = CallerSlots(settings.upstream.max_concurrent_per_pod)
         self._denied = metrics.decisions.labels("denied")
         self._wait_pod = metrics.waits.labels("pod", "found"), metrics.waits.labels("pod", "timeout")
         self._wait_identity = (
@@ -159,10 +161,14 @@ class TokenService:
     def cached(self, request: TokenRequest) -> Token | None:
         return self._cache.peek(request)
 
-    async def token(self, request: TokenRequest, *, deadline: float) -> Token:
+    async def token(self, request: TokenRequest, *, deadline: float, caller: ObjectKey) -> Token:
         identity = request.identity
         source = self._sources.get(identity.type) if identity is not None else None
         if source is None:
             kind = identity.type if identity is not None else "node"
             raise UpstreamUnavailable(f"identity type {kind} is not supported on this node")
-        return await self._cache.get(request, source, deadline=deadline)
+        token = self._cache.peek(request)
+        if token is not None:
+            return token
+        async with self._callers.hold(caller, deadline=deadline):
+            return await self._cache.get(request, source, deadline=deadline)

@@ -21,20 +21,22 @@ class ServerSettings:
     """``--nmi-port``; also the DNAT target port."""
     max_connections: int = 4096
     """Open connections above this are closed at once: a node has at most a few hundred pods."""
+    max_connections_per_peer: int = 256
+    """One caller (a pod's address) above this gets 503: it cannot take every slot on the node."""
     max_request_line_bytes: int = 8190
     """Longer request lines get 414 (aiohttp's limit)."""
     max_header_bytes: int = 16384
     """A larger header block gets 431."""
     max_headers: int = 128
-    max_body_bytes: int = 64 * 1024
-    """Token requests carry no body; proxied IMDS calls carry tiny ones. Larger gets 413."""
+    max_body_bytes: int = 8 * 1024
+    """IMDS requests are GETs without bodies; this bounds what queued requests can buffer. Larger gets 413."""
     idle_timeout_s: float = 30.0
     """A connection with no request in progress is closed after this long, also before its first byte."""
     request_timeout_s: float = 10.0
     """Absolute deadline to receive one whole request once its first byte arrived (slowloris)."""
     graceful_timeout_s: float = 10.0
     """On SIGTERM, in-flight requests get this long to finish."""
-    max_pipelined: int = 32
+    max_pipelined: int = 16
     """Queued pipelined requests per connection before reading pauses."""
     backlog: int = 2048
 
@@ -47,6 +49,8 @@ class UpstreamSettings:
     """Used when the caller names none."""
     max_concurrent: int = 5
     """Azure documents 5 concurrent identity requests per VM."""
+    max_concurrent_per_pod: int = 2
+    """Cold fetches one pod may have queued for that budget at once; its others wait their turn."""
     rate_per_s: float = 15.0
     """Azure documents 20 identity requests/s per VM; stay under it."""
     connect_timeout_s: float = 2.0

@@ -28,6 +28,7 @@ class ServerState:
         "name",
         "on_reject",
         "on_response",
+        "per_peer",
         "settings",
         "shutting_down",
         "tasks",
@@ -49,6 +50,8 @@ class ServerState:
         self.on_response = on_response
         self.on_reject = on_reject
         self.connections: set[HttpProtocol] = set()
+        self.per_peer: dict[str, int] = {}
+        """Open connections by peer address: one pod must not take every slot on the node."""
         self.tasks: set[asyncio.Future[Response]] = set()
         """Handlers in flight, across all connections."""
         self.default_headers = default_headers
@@ -63,6 +66,18 @@ class ServerState:
             + _HEAD_FRAMING_BYTES
         )
         """Raw bytes an unfinished request head may reach before it is refused."""
+
+    def peer_opened(self, peer_ip: str) -> int:
+        count = self.per_peer.get(peer_ip, 0) + 1
+        self.per_peer[peer_ip] = count
+        return count
+
+    def peer_closed(self, peer_ip: str) -> None:
+        count = self.per_peer.get(peer_ip, 0) - 1
+        if count > 0:
+            self.per_peer[peer_ip] = count
+        else:
+            self.per_peer.pop(peer_ip, None)
 
     def connection_lost(self, protocol: HttpProtocol) -> None:
         self.connections.discard(protocol)

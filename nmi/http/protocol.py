@@ -204,7 +204,11 @@ class HttpProtocol(asyncio.Protocol):
             # The peer may already be gone; connection_lost follows.
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if len(state.connections) > self._settings.max_connections:
+        per_peer = state.peer_opened(self._peer_ip)
+        if (
+            len(state.connections) > self._settings.max_connections
+            or per_peer > self._settings.max_connections_per_peer
+        ):
             self._send_error(TOO_MANY_CONNECTIONS, None)
             return
         if state.shutting_down:
@@ -219,6 +223,7 @@ class HttpProtocol(asyncio.Protocol):
         self._gone = True
         self._closing = True
         self._state.connection_lost(self)
+        self._state.peer_closed(self._peer_ip)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -16,6 +16,7 @@ from typing import Any
 import requests
 
 from nmi.errors import NmiError, UpstreamRefused, UpstreamUnavailable
+from nmi.logs import redact as redact_id
 from nmi.model import AzureIdentity
 from nmi.tokens.aad_http import Answer, DeadlinePassed, Reply
 from nmi.tokens.credentials import CredentialError
@@ -26,6 +27,7 @@ log = logging.getLogger("nmi.tokens.msal_source")
 DEFAULT_RETRY_AFTER_S = 5.0
 _DESCRIPTION_MAX = 400
 _ERROR_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_GUID = re.compile(r"\b[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\b")
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +103,9 @@ def _short_description(body: dict[str, Any], redact: tuple[str, ...]) -> str:
     for needle in redact:
         if len(needle) >= 4:
             text = text.replace(needle, "[redacted]")
+    # Azure AD quotes application and tenant IDs; they reach bodies and audit lines redacted, as the
+    # client IDs NMI writes itself are (nmi-spec §9.24).
+    text = _GUID.sub(lambda m: redact_id(m.group()), text)
     if len(text) > _DESCRIPTION_MAX:
         text = text[: _DESCRIPTION_MAX - 3] + "..."
     return text or "Azure AD refused the token request"

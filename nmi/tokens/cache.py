@@ -243,6 +243,10 @@ class TokenCache:
             raise
         finally:
             flight.waiters -= 1
+            if flight.waiters == 0 and not flight.background and not flight.task.done():
+                # Everyone who asked has left (disconnected or out of time): the fetch would only
+                # hold a place in the node's upstream budget ahead of pods that are still waiting.
+                flight.task.cancel()
 
     def _start(
         self, key: CacheKey, request: TokenRequest, source: TokenSource, background: bool, deadline: float

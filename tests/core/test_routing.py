@@ -34,6 +34,9 @@ from nmi.routing import Route, canonical, classify
         ("metadata/instance", Route.NON_CANONICAL),
         ("/a/b/..", Route.NON_CANONICAL),
         ("/foo/metadata/identity/oauth2/token", Route.INVALID_TOKEN),
+        # Double encoding: a second decoder upstream would see another path.
+        ("/metadata/identity/oauth2/%2574oken", Route.NON_CANONICAL),
+        ("/metadata/%2569nstance/compute", Route.NON_CANONICAL),
     ],
 )
 def test_classify(path: str, route: Route) -> None:

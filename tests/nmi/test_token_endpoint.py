@@ -370,3 +370,11 @@ async def test_probe_reports_unavailable_until_started() -> None:
     assert probes.report(readiness=False)[0] is True
     ok, results = probes.report(readiness=True)
     assert ok is False and results["watches"] == {"ok": False}
+
+
+async def test_malformed_api_version_is_refused(make_node) -> None:
+    node = await make_node()
+    reply = await node.get(token_path(**{"api-version": "2018-02-01&client_id=x"}), src=WEB)
+    assert reply.status == 400 and "api-version" in reply.json()["error_description"]
+    assert (await node.get(token_path(**{"api-version": "2019-08-01"}), src=WEB)).status == 200
+    assert node.imds.count() == 1

@@ -245,16 +245,19 @@ async def test_waiter_deadline_gives_unavailable_while_fetch_continues(env: Env)
     assert env.cache.peek(REQ) is token
 
 
-async def test_all_waiters_leaving_still_caches_the_result(env: Env) -> None:
+async def test_all_waiters_leaving_cancels_the_fetch(env: Env) -> None:
+    """A fetch nobody waits for would only hold a place in the node's upstream budget."""
     env.source.gate = asyncio.Event()
     waiter = env.spawn(seconds=1)
     await env.source.started(1)
     with pytest.raises(UpstreamUnavailable):
         await waiter
-    env.source.gate.set()
     await env.source.settled(1)
-    assert env.cache.peek(REQ) is not None
-    assert len(env.source.calls) == 1
+    assert env.source.cancelled == 1
+    assert env.cache.peek(REQ) is None
+    env.source.gate.set()
+    assert await env.spawn(seconds=5) is not None
+    assert len(env.source.calls) == 2
 
 
 async def test_deadline_already_passed_fetches_nothing(env: Env) -> None:
