@@ -24,7 +24,8 @@ from mic.metrics import MicMetrics
 from mic.reconcile import Reconciler
 from mic.settings import MicSettings, dumps
 from nmi.errors import ConfigError
-from nmi.kube.client import KubeClient, load_connection
+from nmi.kube.client import KubeClient
+from nmi.kube.config import load_connection
 from nmi.kube.settings import KubeSettings
 from nmi.state import ClusterState
 

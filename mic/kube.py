@@ -20,7 +20,8 @@ from typing import Any
 from mic.metrics import KUBE_ADD, KUBE_DELETE, KUBE_STATUS, KUBE_UPDATE, MicMetrics
 from mic.model import FINALIZER, Node, parse_node
 from nmi.kube.caches import StateSink
-from nmi.kube.client import KubeApiError, KubeClient, KubeError
+from nmi.kube.client import KubeClient
+from nmi.kube.errors import KubeApiError, KubeError
 from nmi.kube.health import WatchHealth
 from nmi.kube.settings import KubeSettings
 from nmi.kube.watching import Resource, Watcher, supervise

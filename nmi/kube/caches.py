@@ -19,7 +19,8 @@ from collections.abc import Callable
 from typing import Any
 
 from nmi.errors import ConfigError
-from nmi.kube.client import KubeClient, load_connection
+from nmi.kube.client import KubeClient
+from nmi.kube.config import load_connection
 from nmi.kube.health import WatchHealth
 from nmi.kube.secrets import SecretReader
 from nmi.kube.settings import KubeSettings

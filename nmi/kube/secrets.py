@@ -18,7 +18,8 @@ from collections.abc import Callable
 from urllib.parse import quote
 
 from nmi.errors import ConfigError
-from nmi.kube.client import KubeApiError, KubeClient, KubeError, KubeUnavailable
+from nmi.kube.client import KubeClient
+from nmi.kube.errors import KubeApiError, KubeError, KubeUnavailable
 from nmi.kube.settings import KubeSettings
 from nmi.metrics import Metrics
 from nmi.model import ObjectKey, Secret, parse_secret

@@ -28,14 +28,8 @@ from typing import Any, Protocol
 
 from prometheus_client import Counter
 
-from nmi.kube.client import (
-    KubeApiError,
-    KubeClient,
-    KubeError,
-    KubeUnavailable,
-    WatchStalled,
-    api_error_from_status,
-)
+from nmi.kube.client import KubeClient
+from nmi.kube.errors import KubeApiError, KubeError, KubeUnavailable, WatchStalled, api_error_from_status
 from nmi.kube.health import WatchHealth
 from nmi.kube.settings import KubeSettings
 from nmi.model import KubeObject, ObjectKey, parse_object

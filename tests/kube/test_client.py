@@ -15,7 +15,9 @@ from prometheus_client import CollectorRegistry
 
 from nmi.errors import ConfigError
 from nmi.kube import KubeSource
-from nmi.kube.client import KubeApiError, KubeClient, KubeUnavailable, RateLimiter, load_connection
+from nmi.kube.client import KubeClient, RateLimiter
+from nmi.kube.config import load_connection
+from nmi.kube.errors import KubeApiError, KubeUnavailable
 from nmi.metrics import Metrics
 from nmi.model import Pod
 from nmi.settings import ClusterSettings, Settings

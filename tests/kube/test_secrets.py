@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from nmi.kube.client import KubeApiError, KubeClient, KubeUnavailable, load_connection
+from nmi.kube.client import KubeClient
+from nmi.kube.config import load_connection
+from nmi.kube.errors import KubeApiError, KubeUnavailable
 from nmi.kube.secrets import SecretReader
 from nmi.metrics import Metrics
 from standins.apiserver import FakeApiServer, secret
