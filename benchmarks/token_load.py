@@ -476,7 +476,8 @@ def run(args: argparse.Namespace) -> int:
                     python, "-m", "nmi", "--cluster-state", str(state), "--node", NODE,
                     "--manage-iptables=false", "--metadata-ip", HOST, "--metadata-port", str(imds_port),
                     "--nmi-port", str(nmi_port), "--http-probe-port", str(probe_port),
-                    "--prometheus-port", str(metrics_port), "--log-level", "WARNING",
+                    # Default log level: the audit trail (50 lines/s at most) is part of the cost.
+                    "--prometheus-port", str(metrics_port),
                 ],
             )  # fmt: skip
             wait_ready(procs, "nmi", f"http://{HOST}:{probe_port}/readyz")

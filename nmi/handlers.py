@@ -157,6 +157,7 @@ class NmiHandler:
         self._children: dict[tuple[str, ...], Any] = {}
         self._granted = metrics.decisions.labels("granted")
         self._memos: dict[tuple[str, str], GrantMemo] = {}
+        self._loop_time: Callable[[], float] = self._bind_loop_time
         self._passed = metrics.decisions.labels("pass_through")
 
     def __call__(self, request: Request) -> Outcome:
@@ -177,6 +178,11 @@ class NmiHandler:
 
     # --- metrics ------------------------------------------------------------------------
 
+    def _bind_loop_time(self) -> float:
+        # The loop is not running when the handler is built; bind its clock on first use.
+        self._loop_time = asyncio.get_running_loop().time
+        return self._loop_time()
+
     def _child(self, metric: Any, *labels: str) -> Any:
         key = (metric._name, *labels)
         child = self._children.get(key)
@@ -185,14 +191,14 @@ class NmiHandler:
         return child
 
     def _observe(self, request: Request, route: str, response: Response) -> Response:
-        elapsed = asyncio.get_running_loop().time() - request.received_at
+        elapsed = self._loop_time() - request.received_at
         self._child(self._metrics.requests, route, _STATUS[response.status]).observe(elapsed)
         return response
 
     def _observe_token(
         self, request: Request, operation: str, response: Response, namespace: str, resource: str
     ) -> Response:
-        elapsed = asyncio.get_running_loop().time() - request.received_at
+        elapsed = self._loop_time() - request.received_at
         status = _STATUS[response.status]
         self._child(self._metrics.requests, "token", status).observe(elapsed)
         self._child(
@@ -206,6 +212,8 @@ class NmiHandler:
         if not self._identity.metadata_header_required:
             return True
         value = request.headers.get("metadata")
+        if value == "true":
+            return True
         # IMDS itself accepts any case; the original demanded exactly "true" (nmi-spec §9.11).
         return value is not None and value.strip().lower() == "true"
 
@@ -306,7 +314,7 @@ class NmiHandler:
             memo.remaining = remaining
         self._granted.inc()
         self._audit.record_fields("granted", memo.audit)
-        elapsed = asyncio.get_running_loop().time() - request.received_at
+        elapsed = self._loop_time() - request.received_at
         memo.req_child.observe(elapsed)
         memo.op_child.observe(elapsed)
         return response

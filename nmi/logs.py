@@ -65,7 +65,7 @@ class AuditLog:
     counted and reported in one summary line once the budget allows, so nothing is silently lost.
     """
 
-    __slots__ = ("_allowance", "_clock", "_last", "_logger", "_rate", "suppressed")
+    __slots__ = ("_allowance", "_clock", "_last", "_logger", "_next", "_rate", "suppressed")
 
     def __init__(
         self,
@@ -78,6 +78,7 @@ class AuditLog:
         self._allowance = rate_per_s
         self._clock = clock
         self._last = clock()
+        self._next = 0.0
         self._logger = logger or logging.getLogger(AUDIT_LOGGER)
         self.suppressed = 0
 
@@ -86,15 +87,20 @@ class AuditLog:
 
     def record_fields(self, decision: str, fields: dict[str, Any]) -> bool:
         """Write one audit line unless over budget; ``fields`` is not modified."""
-        if not self._logger.isEnabledFor(logging.INFO):
-            return False
         now = self._clock()
+        if now < self._next:
+            # Over budget: the common case under load, so it costs one comparison.
+            self.suppressed += 1
+            return False
         self._allowance = min(self._rate, self._allowance + (now - self._last) * self._rate)
         self._last = now
         if self._allowance < 1.0:
+            self._next = now + (1.0 - self._allowance) / self._rate
             self.suppressed += 1
             return False
         self._allowance -= 1.0
+        if not self._logger.isEnabledFor(logging.INFO):
+            return False
         if self.suppressed:
             # Carried on the next line that gets through, so a flood adds no lines of its own.
             self._logger.info(decision, extra={**fields, "suppressed_before": self.suppressed})
