@@ -100,9 +100,9 @@ class HttpProtocol(asyncio.Protocol):
         "_error_tail",
         "_gone",
         "_head_raw",
-        "_header_bytes",
-        "_header_count",
+        "_header_bytes_left",
         "_headers",
+        "_headers_left",
         "_idle_deadline",
         "_in_head",
         "_in_message",
@@ -110,6 +110,7 @@ class HttpProtocol(asyncio.Protocol):
         "_local_port",
         "_loop",
         "_messages",
+        "_now",
         "_parser",
         "_peer_ip",
         "_peer_port",
@@ -152,11 +153,14 @@ class HttpProtocol(asyncio.Protocol):
         self._in_message = False
         self._in_head = False
         self._messages = 0
+        self._now = 0.0
+        """Loop time at the start of the current ``data_received``, for the parser callbacks."""
         self._head_raw = 0
         self._url = b""
         self._headers: dict[str, str] = {}
-        self._header_bytes = 0
-        self._header_count = 0
+        # Counted down from the limits, so each header is checked without reading the settings.
+        self._header_bytes_left = 0
+        self._headers_left = 0
         self._body: list[bytes] = []
         self._body_len = 0
         self._request: Request | None = None
@@ -256,8 +260,12 @@ class HttpProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._stopped:
             return  # Refused, upgrading or closing: nothing more is parsed.
+        # Read once per read rather than in each callback: no handler runs while parsing, so the
+        # callbacks of one read would all see this time anyway.
+        self._now = self._loop.time()
         messages_before = self._messages
         was_between_messages = not self._in_message
+        pending = self._pending
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -286,7 +294,7 @@ class HttpProtocol(asyncio.Protocol):
                     self._head_raw = len(data)
                 if self._head_raw > self._state.head_limit:
                     self._refuse(HEADERS_TOO_LARGE, None)
-        if len(self._pending) >= self._settings.max_pipelined and not self._pipeline_full:
+        if len(pending) >= self._settings.max_pipelined and not self._pipeline_full:
             self._pipeline_full = True
             self._update_reading()
         self._advance()
@@ -294,7 +302,8 @@ class HttpProtocol(asyncio.Protocol):
     # ── parser callbacks ──
 
     def on_message_begin(self) -> None:
-        if len(self._pending) >= self._settings.max_pipelined:
+        settings = self._settings
+        if len(self._pending) >= settings.max_pipelined:
             self._refusal = _PIPELINE_OVERFLOW
             raise _Refused
         self._messages += 1
@@ -303,29 +312,30 @@ class HttpProtocol(asyncio.Protocol):
         self._head_raw = 0
         self._url = b""
         self._headers = {}
-        self._header_bytes = 0
-        self._header_count = 0
-        self._body = []
+        self._header_bytes_left = settings.max_header_bytes
+        self._headers_left = settings.max_headers
+        # ``_body`` is already empty: on_message_complete takes it, and a message cut short stops
+        # parsing for good, so no allocation is needed here.
         self._body_len = 0
         self._request = None
         self._idle_deadline = _INF
-        self._request_deadline = self._loop.time() + self._settings.request_timeout_s
-        self._schedule(self._request_deadline)
+        deadline = self._request_deadline = self._now + settings.request_timeout_s
+        # _schedule's own early return, inlined: on a busy connection the timer almost always
+        # fires first, and this runs once per request.
+        if self._timer is None or deadline < self._timer_when:
+            self._schedule(deadline)
 
     def on_url(self, fragment: bytes) -> None:
         # Concatenation is cheap here: the URL almost always arrives in one piece, and b"" + x is x.
-        self._url += fragment
-        if len(self._url) > self._settings.max_request_line_bytes:
+        url = self._url = self._url + fragment
+        if len(url) > self._settings.max_request_line_bytes:
             self._refusal = URI_TOO_LONG
             raise _Refused
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_bytes += len(name) + len(value)
-        self._header_count += 1
-        if (
-            self._header_bytes > self._settings.max_header_bytes
-            or self._header_count > self._settings.max_headers
-        ):
+        bytes_left = self._header_bytes_left = self._header_bytes_left - len(name) - len(value)
+        headers_left = self._headers_left = self._headers_left - 1
+        if bytes_left < 0 or headers_left < 0:
             self._refusal = HEADERS_TOO_LARGE
             raise _Refused
         headers = self._headers
@@ -333,8 +343,10 @@ class HttpProtocol(asyncio.Protocol):
         if key is None:
             key = name.decode("latin-1").lower()
         text = value.decode("latin-1")
-        previous = headers.get(key)
-        headers[key] = text if previous is None else previous + ", " + text
+        if key in headers:
+            headers[key] += ", " + text
+        else:
+            headers[key] = text
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -343,6 +355,16 @@ class HttpProtocol(asyncio.Protocol):
         method = _METHODS.get(method_bytes)
         if method is None:
             method = method_bytes.decode("ascii")
+        headers = self._headers
+        keep_alive = parser.should_keep_alive()
+        if keep_alive and "connection" not in headers and "proxy-connection" not in headers:
+            # llhttp keeps a connection alive without a Connection (or Proxy-Connection) header only
+            # for a minor version above 0, and it rejects every version but 0.9, 1.0, 1.1 and 2.0:
+            # this is HTTP/1.1. get_http_version() formats a new string each call, a sizeable share
+            # of the per-request cost, so it is left for the other cases.
+            http_version = "1.1"
+        else:
+            http_version = parser.get_http_version()
         url = self._url
         if url.startswith(b"/") and b"#" not in url:
             path, _, query = url.partition(b"?")
@@ -355,19 +377,18 @@ class HttpProtocol(asyncio.Protocol):
                 raise _Refused from None
             path = parsed.path or b"/"
             query = parsed.query or b""
-        headers = self._headers
         request = Request(
             method,
             path.decode("latin-1"),
             query.decode("latin-1"),
             headers,
-            parser.get_http_version(),
-            parser.should_keep_alive(),
+            http_version,
+            keep_alive,
             self._peer_ip,
             self._peer_port,
             self._local_ip,
             self._local_port,
-            self._loop.time(),
+            self._now,
         )
         self._request = request
         length = headers.get("content-length")
@@ -409,11 +430,11 @@ class HttpProtocol(asyncio.Protocol):
 
     def _advance(self) -> None:
         """Answer what can be answered now, in order; then decide whether the connection is idle."""
-        settings = self._settings
+        pending = self._pending
         while not self._closing and self._active is None and not self._write_paused:
-            if self._pending:
-                request = self._pending.popleft()
-                if self._pipeline_full and len(self._pending) <= settings.max_pipelined // 2:
+            if pending:
+                request = pending.popleft()
+                if self._pipeline_full and len(pending) <= self._settings.max_pipelined // 2:
                     self._pipeline_full = False
                     self._update_reading()
                 self._dispatch(request)
@@ -427,8 +448,10 @@ class HttpProtocol(asyncio.Protocol):
                 self._close_lingering()
                 return
             if not self._in_message and self._idle_deadline == _INF:
-                self._idle_deadline = self._loop.time() + settings.idle_timeout_s
-                self._schedule(self._idle_deadline)
+                deadline = self._idle_deadline = self._loop.time() + self._settings.idle_timeout_s
+                # _schedule's early return, inlined: this runs after every keep-alive answer.
+                if self._timer is None or deadline < self._timer_when:
+                    self._schedule(deadline)
             return
 
     def _dispatch(self, request: Request) -> None:
@@ -499,12 +522,22 @@ class HttpProtocol(asyncio.Protocol):
         if transport is None or self._closing or transport.is_closing():
             return
         state = self._state
+        defaults = state.default_headers
         if request is None:
-            data = render(response, state.default_headers, keep_alive=False, http10=False, head=False)
+            data = render(response, defaults, keep_alive=False, http10=False, head=False)
+        elif (
+            keep_alive
+            and response._wire_defaults is defaults
+            and request.method != "HEAD"
+            and request.http_version != "1.0"
+        ):
+            # render()'s cached keep-alive rendering, read here to spare a keyword-argument call
+            # on the path nearly every answer takes.
+            data = response._wire
         else:
             data = render(
                 response,
-                state.default_headers,
+                defaults,
                 keep_alive=keep_alive,
                 http10=request.http_version == "1.0",
                 head=request.method == "HEAD",
