@@ -124,6 +124,14 @@ def parse_query(query: str) -> dict[str, str]:
     return params
 
 
+def identity_query(params: dict[str, str]) -> IdentityQuery:
+    """The identity a request names: ``client_id``, else ``msi_res_id`` or its alias ``mi_res_id``."""
+    return IdentityQuery(
+        client_id=params.get("client_id", "").casefold(),
+        resource_id=(params.get("msi_res_id") or params.get("mi_res_id", "")).casefold(),
+    )
+
+
 def resource_label(resource: str) -> str:
     return resource if resource in KNOWN_RESOURCES else "other"
 
@@ -235,10 +243,7 @@ class NmiHandler:
                     f"{name} is not supported here: name the identity with client_id or msi_res_id"
                 )
                 return self._observe_token(request, TOKEN_OPERATION, error_response(error), "", resource)
-        query = IdentityQuery(
-            client_id=params.get("client_id", "").casefold(),
-            resource_id=(params.get("msi_res_id") or params.get("mi_res_id", "")).casefold(),
-        )
+        query = identity_query(params)
         api_version = params.get("api-version") or self._api_version
         if _API_VERSION.fullmatch(api_version) is None:
             # It is forwarded upstream and shared by every pod joining the same fetch: one pod's
@@ -378,10 +383,7 @@ class NmiHandler:
         resource = params.get("resource", "")
         if not resource:
             return self._observe(request, "host_token", MISSING_RESOURCE)
-        query = IdentityQuery(
-            client_id=params.get("client_id", "").casefold(),
-            resource_id=(params.get("msi_res_id") or params.get("mi_res_id", "")).casefold(),
-        )
+        query = identity_query(params)
         return self._host_token_slow(request, namespace, name, query, resource)
 
     async def _host_token_slow(

@@ -40,8 +40,6 @@ class TokenService:
     ) -> None:
         self._settings = settings
         self._identity = settings.identity
-        self._state = state
-        self._cache = cache
         self.state = state
         self.cache = cache
         self._sources = sources
@@ -72,7 +70,7 @@ class TokenService:
     # --- caller -------------------------------------------------------------------------
 
     def pod_now(self, ip: str) -> Pod | None:
-        pods = self._state.pods_at(ip)
+        pods = self.state.pods_at(ip)
         if len(pods) == 1:
             return pods[0]
         if pods:
@@ -89,7 +87,7 @@ class TokenService:
         start = loop.time()
         until = start + self._identity.pod_wait_timeout_s
         while (remaining := until - loop.time()) > 0:
-            await self._state.wait_for_change(remaining)
+            await self.state.wait_for_change(remaining)
             pod = self.pod_now(ip)
             if pod is not None:
                 self._wait_pod[0].observe(loop.time() - start)
@@ -99,12 +97,12 @@ class TokenService:
         raise self._not_found(PodNotFound(f"no running pod on this node has the address {ip}"))
 
     def pod_by_name(self, namespace: str, name: str) -> Pod | None:
-        return self._state.get(Pod, ObjectKey(namespace, name))
+        return self.state.get(Pod, ObjectKey(namespace, name))
 
     # --- identity -----------------------------------------------------------------------
 
     def decide_now(self, pod: Pod, query: IdentityQuery) -> Decision:
-        return resolve(self._state, pod, query, self._identity, now=self._clock())
+        return resolve(self.state, pod, query, self._identity, now=self._clock())
 
     async def decide(self, pod: Pod, query: IdentityQuery) -> Grant | PassThrough:
         decision = self.decide_now(pod, query)
@@ -125,8 +123,8 @@ class TokenService:
         until = start + self._identity.identity_wait_timeout_s
         decision: Decision = pending
         while (remaining := until - loop.time()) > 0:
-            await self._state.wait_for_change(remaining)
-            current = self._state.get(Pod, pod.key)
+            await self.state.wait_for_change(remaining)
+            current = self.state.get(Pod, pod.key)
             if current is None or current.uid != pod.uid:
                 return Deny("the pod was deleted while waiting for its identity")
             decision = self.decide_now(current, query)
@@ -159,7 +157,7 @@ class TokenService:
         )
 
     def cached(self, request: TokenRequest) -> Token | None:
-        return self._cache.peek(request)
+        return self.cache.peek(request)
 
     async def token(self, request: TokenRequest, *, deadline: float, caller: ObjectKey) -> Token:
         identity = request.identity
@@ -167,8 +165,8 @@ class TokenService:
         if source is None:
             kind = identity.type if identity is not None else "node"
             raise UpstreamUnavailable(f"identity type {kind} is not supported on this node")
-        token = self._cache.peek(request)
+        token = self.cache.peek(request)
         if token is not None:
             return token
         async with self._callers.hold(caller, deadline=deadline):
-            return await self._cache.get(request, source, deadline=deadline)
+            return await self.cache.get(request, source, deadline=deadline)

@@ -107,31 +107,7 @@ class KubeClient:
 
     async def get(self, path: str, params: Mapping[str, str] | None = None) -> dict[str, Any]:
         """GET a JSON object; ``KubeApiError`` for an error status, ``KubeUnavailable`` otherwise."""
-        await self._limiter.acquire()
-        headers = await self._headers()
-        try:
-            async with (
-                asyncio.timeout(self._settings.request_timeout_s),
-                self._session.get(
-                    self._url(path),
-                    params=params,
-                    headers=headers,
-                    timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._settings.connect_timeout_s),
-                    **self._extra,
-                ) as resp,
-            ):
-                body = await resp.read()
-                status = resp.status
-                retry_after = retry_after_of(resp.headers)
-        except TimeoutError as exc:
-            raise KubeUnavailable(
-                f"GET {path}: no answer within {self._settings.request_timeout_s}s"
-            ) from exc
-        except (aiohttp.ClientError, OSError) as exc:
-            raise KubeUnavailable(f"GET {path}: {exc or type(exc).__name__}") from exc
-        if status != 200:
-            self._on_error_status(status)
-            raise api_error_from_status(status, _json_or_none(body[:_MAX_ERROR_BODY]), retry_after)
+        body = await self._exchange("GET", path, params=params, ok=(200,))
         try:
             result = json.loads(body)
         except ValueError as exc:
@@ -152,11 +128,33 @@ class KubeClient:
 
         Errors as ``get``. Writes are never retried here: the caller knows whether a repeat is safe.
         """
-        await self._limiter.acquire()
-        headers = await self._headers()
         data: bytes | None = None
         if body is not None:
             data = json.dumps(body, separators=(",", ":")).encode()
+        raw = await self._exchange(
+            method,
+            path,
+            data=data,
+            content_type=content_type if data is not None else None,
+            ok=(200, 201, 202),
+        )
+        result = _json_or_none(raw)
+        return result if isinstance(result, dict) else {}
+
+    async def _exchange(
+        self,
+        method: str,
+        path: str,
+        *,
+        ok: tuple[int, ...],
+        params: Mapping[str, str] | None = None,
+        data: bytes | None = None,
+        content_type: str | None = None,
+    ) -> bytes:
+        """One rate-limited request, bounded by ``request_timeout_s``; the body of an ``ok`` answer."""
+        await self._limiter.acquire()
+        headers = await self._headers()
+        if content_type is not None:
             headers["Content-Type"] = content_type
         try:
             async with (
@@ -164,6 +162,7 @@ class KubeClient:
                 self._session.request(
                     method,
                     self._url(path),
+                    params=params,
                     data=data,
                     headers=headers,
                     timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._settings.connect_timeout_s),
@@ -179,11 +178,10 @@ class KubeClient:
             ) from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise KubeUnavailable(f"{method} {path}: {exc or type(exc).__name__}") from exc
-        if status not in (200, 201, 202):
+        if status not in ok:
             self._on_error_status(status)
             raise api_error_from_status(status, _json_or_none(raw[:_MAX_ERROR_BODY]), retry_after)
-        result = _json_or_none(raw)
-        return result if isinstance(result, dict) else {}
+        return raw
 
     def _on_error_status(self, status: int) -> None:
         if status == 401:
