@@ -92,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(g, "--set-retry-after-header", False, "answer lookup failures with 503 and Retry-After")
     _flag(g, "--block-instance-metadata", False, "403 for /metadata/instance")
     _flag(g, "--enable-host-token", False, "serve legacy /host/token to 127.0.0.1")
+    _flag(
+        g,
+        "--reject-ambiguous-identity",
+        False,
+        "a pod with several identities that names none gets IMDS's 400 instead of the default one",
+    )
     g.add_argument("--pod-wait-timeout", type=_positive, default=5.0)
     g.add_argument("--identity-wait-timeout", type=_positive, default=None)
     g.add_argument("--retry-attempts-for-created", type=int, default=None)
@@ -192,6 +198,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
             enable_host_token=args.enable_host_token,
             pod_wait_timeout_s=args.pod_wait_timeout,
             identity_wait_timeout_s=identity_wait(args),
+            reject_ambiguous_identity=args.reject_ambiguous_identity,
             mic_namespace=args.MICNamespace,
             allow_cross_namespace_secrets=args.allow_cross_namespace_secrets,
         ),

@@ -38,6 +38,17 @@ class IdentityNotFound(NmiError):
     error = "invalid_request"
 
 
+class NoSuchIdentity(NmiError):
+    """The caller has no identity matching the request, and waiting would not change that.
+
+    IMDS's own answer for an identity the VM does not have (400 ``invalid_request``, "Identity not
+    found"): every SDK treats it as final, where a 404 is retried for half a minute.
+    """
+
+    status = 400
+    error = "invalid_request"
+
+
 class PodNotFound(NmiError):
     """The caller's address belongs to no known pod on this node."""
 

@@ -14,7 +14,6 @@ import time
 from collections.abc import Awaitable, Callable
 from functools import lru_cache
 from typing import Any
-from urllib.parse import unquote_plus
 
 from nmi.errors import BadRequest, Forbidden, IdentityNotFound, NmiError
 from nmi.http.request import Request
@@ -23,8 +22,9 @@ from nmi.logs import AuditLog, redact
 from nmi.metrics import Metrics
 from nmi.model import Pod
 from nmi.proxy import ImdsProxy
-from nmi.resolver import Deny, Grant, IdentityQuery, PassThrough
+from nmi.resolver import Deny, Grant
 from nmi.routing import Route, classify
+from nmi.selectors import IdentityQuery, has_broken_escape, parse_token_query
 from nmi.service import TokenService
 from nmi.settings import Settings
 from nmi.tokens.model import Token, TokenRequest
@@ -33,8 +33,8 @@ from nmi.tokens.policy import CacheKey, cache_key
 Headers = tuple[tuple[bytes, bytes], ...]
 JSON: Headers = ((b"content-type", b"application/json; charset=utf-8"),)
 TOKEN_OPERATION = "/metadata/identity/oauth2/token"
-HOST_OPERATION = "/host/token/"
-UNSUPPORTED_SELECTORS = ("object_id", "principal_id")
+# What IMDS serves: GET everywhere, POST for scheduled events. Anything else is never forwarded.
+PROXY_METHODS = frozenset({"GET", "POST"})
 _API_VERSION = re.compile(r"\d{4}-\d{2}-\d{2}(-[A-Za-z0-9.]{1,32})?")
 # Well-known audiences are kept as metric labels; anything else is "other", so a pod cannot
 # grow the metric's cardinality by inventing resources.
@@ -107,29 +107,13 @@ INVALID_TOKEN_PATH = Response(400, error_body("invalid_request", "Invalid reques
 NON_CANONICAL = Response(400, error_body("invalid_request", "Invalid request path"), JSON)
 INSTANCE_BLOCKED = Response(403, error_body("forbidden", "Request blocked by AAD Pod Identity NMI"), JSON)
 HOST_TOKEN_DISABLED = Response(404, error_body("not_found", "/host/token is disabled on this node"), JSON)
-
-
-def parse_query(query: str) -> dict[str, str]:
-    """Query parameters, first value wins; decoding only where needed (hot path)."""
-    params: dict[str, str] = {}
-    if not query:
-        return params
-    for part in query.split("&"):
-        name, _, value = part.partition("=")
-        if "%" in name or "+" in name:
-            name = unquote_plus(name)
-        if "%" in value or "+" in value:
-            value = unquote_plus(value)
-        params.setdefault(name, value)
-    return params
-
-
-def identity_query(params: dict[str, str]) -> IdentityQuery:
-    """The identity a request names: ``client_id``, else ``msi_res_id`` or its alias ``mi_res_id``."""
-    return IdentityQuery(
-        client_id=params.get("client_id", "").casefold(),
-        resource_id=(params.get("msi_res_id") or params.get("mi_res_id", "")).casefold(),
-    )
+TOKEN_METHOD_NOT_ALLOWED = Response(
+    405, error_body("invalid_request", "Method not allowed"), (*JSON, (b"allow", b"GET"))
+)
+PROXY_METHOD_NOT_ALLOWED = Response(
+    405, error_body("invalid_request", "Method not allowed"), (*JSON, (b"allow", b"GET, POST"))
+)
+MALFORMED_QUERY = Response(400, error_body("invalid_request", "Malformed query string"), JSON)
 
 
 def resource_label(resource: str) -> str:
@@ -226,6 +210,8 @@ class NmiHandler:
         return value is not None and value.strip().lower() == "true"
 
     def _token(self, request: Request) -> Outcome:
+        if request.method != "GET":
+            return self._observe_token(request, TOKEN_OPERATION, TOKEN_METHOD_NOT_ALLOWED, "", "")
         if not self._metadata_ok(request):
             return self._observe_token(request, TOKEN_OPERATION, MISSING_METADATA, "", "")
         memo = self._memos.get((request.peer_ip, request.query))
@@ -233,17 +219,15 @@ class NmiHandler:
             token = self._cache.peek_key(memo.key)
             if token is not None:
                 return self._memo_response(request, memo, token)
-        params = parse_query(request.query)
+        try:
+            parsed = parse_token_query(request.query)
+        except NmiError as exc:
+            return self._observe_token(request, TOKEN_OPERATION, error_response(exc), "", "")
+        params = parsed.params
         resource = params.get("resource", "")
         if not resource:
             return self._observe_token(request, TOKEN_OPERATION, MISSING_RESOURCE, "", "")
-        for name in UNSUPPORTED_SELECTORS:
-            if params.get(name):
-                error = BadRequest(
-                    f"{name} is not supported here: name the identity with client_id or msi_res_id"
-                )
-                return self._observe_token(request, TOKEN_OPERATION, error_response(error), "", resource)
-        query = identity_query(params)
+        query = parsed.identity
         api_version = params.get("api-version") or self._api_version
         if _API_VERSION.fullmatch(api_version) is None:
             # It is forwarded upstream and shared by every pod joining the same fetch: one pod's
@@ -276,8 +260,11 @@ class NmiHandler:
         pod: Pod | None = None
         try:
             pod = await self._service.pod(request.peer_ip)
-            decision = await self._service.decide(pod, query)
-            if isinstance(decision, PassThrough):
+            deadline = self._service.deadline()
+            decision = await self._service.decide(
+                pod, query, resource=resource, api_version=api_version, deadline=deadline
+            )
+            if not isinstance(decision, Grant):
                 self._passed.inc()
                 self._audit.record(
                     "pass_through", pod=f"{pod.namespace}/{pod.name}", exception=str(decision.exception)
@@ -285,9 +272,7 @@ class NmiHandler:
                 response = await self._proxy.forward(request, "/metadata/identity/oauth2/token")
                 return self._observe_token(request, TOKEN_OPERATION, response, pod.namespace, resource)
             token_request = self._service.request_for(decision.identity, resource, api_version, tenant_id)
-            token = await self._service.token(
-                token_request, deadline=self._service.deadline(), caller=pod.key
-            )
+            token = await self._service.token(token_request, deadline=deadline, caller=pod.key)
             return self._granted_response(request, pod, decision, resource, token)
         except NmiError as exc:
             return self._failed(request, exc, pod=pod, resource=resource)
@@ -354,6 +339,10 @@ class NmiHandler:
     # --- proxy --------------------------------------------------------------------------
 
     def _proxied(self, request: Request) -> Outcome:
+        if request.method not in PROXY_METHODS:
+            return self._observe(request, "proxy", PROXY_METHOD_NOT_ALLOWED)
+        if has_broken_escape(request.query):
+            return self._observe(request, "proxy", MALFORMED_QUERY)
         if not self._metadata_ok(request):
             return self._observe(request, "proxy", MISSING_METADATA)
         return self._forward(request)
@@ -379,12 +368,14 @@ class NmiHandler:
         if not namespace or not name:
             error = BadRequest("missing 'podname' and 'podns' from request header")
             return self._observe(request, "host_token", error_response(error))
-        params = parse_query(request.query)
-        resource = params.get("resource", "")
+        try:
+            parsed = parse_token_query(request.query)
+        except NmiError as exc:
+            return self._observe(request, "host_token", error_response(exc))
+        resource = parsed.params.get("resource", "")
         if not resource:
             return self._observe(request, "host_token", MISSING_RESOURCE)
-        query = identity_query(params)
-        return self._host_token_slow(request, namespace, name, query, resource)
+        return self._host_token_slow(request, namespace, name, parsed.identity, resource)
 
     async def _host_token_slow(
         self, request: Request, namespace: str, name: str, query: IdentityQuery, resource: str
@@ -393,13 +384,14 @@ class NmiHandler:
             pod = self._service.pod_by_name(namespace, name)
             if pod is None:
                 raise IdentityNotFound(f"pod {namespace}/{name} is not on this node")
-            decision = await self._service.decide(pod, query)
+            deadline = self._service.deadline()
+            decision = await self._service.decide(
+                pod, query, resource=resource, api_version=self._api_version, deadline=deadline
+            )
             if not isinstance(decision, Grant):
                 raise IdentityNotFound(f"pod {namespace}/{name} is excepted and has no identity of its own")
             token_request = self._service.request_for(decision.identity, resource, self._api_version)
-            token = await self._service.token(
-                token_request, deadline=self._service.deadline(), caller=pod.key
-            )
+            token = await self._service.token(token_request, deadline=deadline, caller=pod.key)
         except NmiError as exc:
             self._audit.record("denied", pod=f"{namespace}/{name}", status=exc.status, via="host_token")
             return self._observe(request, "host_token", error_response(exc))

@@ -1,6 +1,8 @@
 """Which identity a pod may use for a request: pure decisions over the cluster state.
 
-Standard mode reads the pod's ``AzureAssignedIdentity`` objects; managed mode matches the pod's
+Standard mode grants what the pod's ``AzureAssignedIdentity`` objects say, and waits (``Pending``)
+only where MIC may still assign: a record still ``Created``, or a binding that selects the pod;
+anything else is refused at once, so SDKs stop instead of retrying. Managed mode matches the pod's
 ``aadpodidbinding`` label against ``AzureIdentityBinding`` selectors in its namespace. Both
 return a ``Decision``; waiting and I/O are the caller's business.
 
@@ -8,45 +10,66 @@ Rules that differ from aad-pod-identity on purpose:
 - client_id and resource-ID matching is case-insensitive everywhere (nmi-spec §9.11);
 - when no identity is named and several are allowed, the choice is deterministic: identities in
   the pod's own namespace first, then by namespace and name (nmi-spec §9.13);
-- a named identity the pod may not use is refused, never replaced by another one;
+- a named identity the pod may not use is refused, never replaced by another one; every selector
+  named must agree on one identity, and selectors that name different ones are refused;
 - nothing is trusted by pod name (no ``^mic-`` short-circuit, nmi-spec §9.9);
 - an empty ``aadpodidbinding`` label matches no binding (nmi-spec §9.26).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from enum import Enum
 
 from nmi.model import (
     ASSIGNED,
     BINDING_LABEL,
     CREATED,
     AzureIdentity,
-    AzureIdentityBinding,
     AzurePodIdentityException,
     ObjectKey,
     Pod,
 )
+from nmi.selectors import IdentityQuery
 from nmi.settings import IdentitySettings
 from nmi.state import ClusterState
 
+NO_OBJECT_IDS: Mapping[str, str] = {}
 
-@dataclass(frozen=True, slots=True)
-class IdentityQuery:
-    """The identity a request names, already case-folded; both empty means "any"."""
 
-    client_id: str = ""
-    resource_id: str = ""
+def match(query: IdentityQuery, identity: AzureIdentity, object_ids: Mapping[str, str]) -> bool | None:
+    """Whether ``identity`` is the one ``query`` names: every named property must agree.
 
-    @property
-    def named(self) -> bool:
-        return bool(self.client_id or self.resource_id)
+    ``None`` when only an object id not learned yet stands between (``object_ids`` maps a folded
+    client id to its folded object id, ``""`` when it cannot be learned).
+    """
+    if query.client_id and identity.client_id_folded != query.client_id:
+        return False
+    if query.resource_id and identity.resource_id_folded != query.resource_id:
+        return False
+    if query.object_id:
+        known = object_ids.get(identity.client_id_folded)
+        if known is None:
+            return None
+        return known == query.object_id
+    return True
 
-    def matches(self, identity: AzureIdentity) -> bool:
-        if self.client_id and identity.client_id_folded == self.client_id:
-            return True
-        return bool(self.resource_id) and identity.resource_id_folded == self.resource_id
+
+def _disagrees(query: IdentityQuery, identity: AzureIdentity, object_ids: Mapping[str, str]) -> bool:
+    """Some selector names ``identity`` and another does not: the selectors contradict each other."""
+    hits = misses = 0
+    for named, have in (
+        (query.client_id, identity.client_id_folded),
+        (query.resource_id, identity.resource_id_folded),
+        (query.object_id, object_ids.get(identity.client_id_folded)),
+    ):
+        if named and have is not None:
+            if named == have:
+                hits += 1
+            else:
+                misses += 1
+    return hits > 0 and misses > 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,12 +89,37 @@ class Pending:
     reason: str
 
 
+class Refusal(Enum):
+    """How a denial is answered; see ``TokenService.denied``."""
+
+    NOT_FOUND = "not_found"
+    """Final: IMDS's own answer for an identity the VM does not have (400), so SDKs stop at once."""
+    TIMED_OUT = "timed_out"
+    """The bounded wait for MIC ended: the original's 404, which SDKs retry."""
+    CONFLICT = "conflict"
+    """The request's selectors name different identities (400)."""
+    AMBIGUOUS = "ambiguous"
+    """Several identities and none named, with ``--reject-ambiguous-identity`` (IMDS's 400)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Deny:
     reason: str
+    refusal: Refusal = Refusal.NOT_FOUND
 
 
-Decision = Grant | PassThrough | Pending | Deny
+@dataclass(frozen=True, slots=True)
+class Learn:
+    """The request names an object id; these allowed identities' object ids are not known yet.
+
+    The caller learns them (from the ``oid`` claim of a token it gets for each, which it would
+    cache anyway) and decides again.
+    """
+
+    identities: tuple[AzureIdentity, ...]
+
+
+Decision = Grant | PassThrough | Pending | Deny | Learn
 
 
 def excepted_by(pod: Pod, exceptions: Iterable[AzurePodIdentityException]) -> ObjectKey | None:
@@ -90,27 +138,59 @@ def excepted_by(pod: Pod, exceptions: Iterable[AzurePodIdentityException]) -> Ob
 
 
 def _order(pod: Pod, identities: Iterable[AzureIdentity]) -> list[AzureIdentity]:
-    return sorted(identities, key=lambda i: (i.namespace != pod.namespace, i.namespace, i.name))
+    # Two bindings (or records) of one identity are still one identity, not an ambiguity.
+    unique = {i.key: i for i in identities}.values()
+    return sorted(unique, key=lambda i: (i.namespace != pod.namespace, i.namespace, i.name))
 
 
-def _choose(pod: Pod, allowed: list[AzureIdentity], query: IdentityQuery) -> AzureIdentity | None:
-    if query.named:
-        for identity in _order(pod, allowed):
-            if query.matches(identity):
-                return identity
-        return None
-    ordered = _order(pod, allowed)
-    return ordered[0] if ordered else None
+def _choose(
+    pod: Pod,
+    allowed: list[AzureIdentity],
+    query: IdentityQuery,
+    object_ids: Mapping[str, str],
+    *,
+    reject_ambiguous: bool,
+) -> Grant | Deny | Learn | None:
+    """Pick among ``allowed`` (already ordered); ``None`` when none of them is the one named."""
+    if not query.named:
+        if not allowed:
+            return None
+        if reject_ambiguous and len(allowed) > 1:
+            return Deny("several identities and the request names none", Refusal.AMBIGUOUS)
+        return Grant(allowed[0])
+    unknown: list[AzureIdentity] = []
+    for identity in allowed:
+        verdict = match(query, identity, object_ids)
+        if verdict:
+            return Grant(identity)
+        if verdict is None:
+            unknown.append(identity)
+    if unknown:
+        return Learn(tuple(unknown))
+    return None
+
+
+def _could_be(
+    query: IdentityQuery, identities: Iterable[AzureIdentity], object_ids: Mapping[str, str]
+) -> bool:
+    return any(match(query, i, object_ids) is not False for i in identities)
+
+
+def _conflict(
+    query: IdentityQuery, identities: Iterable[AzureIdentity], object_ids: Mapping[str, str]
+) -> Deny | None:
+    if any(_disagrees(query, i, object_ids) for i in identities):
+        return Deny("the request's identity selectors name different identities", Refusal.CONFLICT)
+    return None
 
 
 def _standard_candidates(
     state: ClusterState, pod: Pod, settings: IdentitySettings
-) -> tuple[list[AzureIdentity], list[AzureIdentity], bool]:
-    """The pod's assigned and still-created identities, and whether it has any record at all."""
+) -> tuple[list[AzureIdentity], list[AzureIdentity]]:
+    """The pod's assigned and still-created identities."""
     assigned: list[AzureIdentity] = []
     created: list[AzureIdentity] = []
-    records = state.assigned_identities(pod.key)
-    for record in records:
+    for record in state.assigned_identities(pod.key):
         identity = record.identity
         if (settings.force_namespaced or identity.namespaced) and identity.namespace != pod.namespace:
             continue
@@ -119,23 +199,32 @@ def _standard_candidates(
             assigned.append(identity)
         elif record.state == CREATED:
             created.append(identity)
-    return assigned, created, bool(records)
+    return assigned, created
 
 
-def _managed_candidates(state: ClusterState, pod: Pod) -> list[AzureIdentity]:
+def selected_identities(state: ClusterState, pod: Pod, *, force_namespaced: bool) -> list[AzureIdentity]:
+    """The identities MIC would assign to ``pod``: bindings whose selector is its label (mic-spec §3.4).
+
+    A binding selects pods of every namespace unless the identity is namespaced (by the flag or
+    its annotation), when pod, binding and identity must share one namespace.
+    """
     selector = pod.labels.get(BINDING_LABEL, "")
     if not selector:
         return []
-    names = {
-        b.identity_name
-        for b in state.in_namespace(AzureIdentityBinding, pod.namespace)
-        if b.selector == selector
-    }
-    return [
-        identity
-        for name in names
-        if (identity := state.get(AzureIdentity, ObjectKey(pod.namespace, name))) is not None
-    ]
+    found: list[AzureIdentity] = []
+    for binding in state.bindings_selecting(selector):
+        identity = state.get(AzureIdentity, ObjectKey(binding.namespace, binding.identity_name))
+        if identity is None:
+            continue
+        if (force_namespaced or identity.namespaced) and binding.namespace != pod.namespace:
+            continue
+        found.append(identity)
+    return found
+
+
+def _managed_candidates(state: ClusterState, pod: Pod) -> list[AzureIdentity]:
+    # Managed mode has no MIC to widen the match: bindings and identities of the pod's namespace.
+    return selected_identities(state, pod, force_namespaced=True)
 
 
 def allowed_identities(state: ClusterState, pod: Pod, settings: IdentitySettings) -> list[AzureIdentity]:
@@ -145,41 +234,65 @@ def allowed_identities(state: ClusterState, pod: Pod, settings: IdentitySettings
     return _order(pod, _standard_candidates(state, pod, settings)[0])
 
 
+def _unbound(pod: Pod) -> str:
+    if not pod.labels.get(BINDING_LABEL, ""):
+        return f"pod has no {BINDING_LABEL} label"
+    return f"no AzureIdentityBinding selects {BINDING_LABEL}={pod.labels[BINDING_LABEL]}"
+
+
 def resolve_standard(
     state: ClusterState,
     pod: Pod,
     query: IdentityQuery,
     settings: IdentitySettings,
-    *,
-    now: float,
+    object_ids: Mapping[str, str] = NO_OBJECT_IDS,
 ) -> Decision:
-    assigned, created, has_records = _standard_candidates(state, pod, settings)
-    chosen = _choose(pod, assigned, query)
+    assigned, created = _standard_candidates(state, pod, settings)
+    assigned = _order(pod, assigned)
+    chosen = _choose(pod, assigned, query, object_ids, reject_ambiguous=settings.reject_ambiguous_identity)
+    if isinstance(chosen, Grant | Deny):
+        return chosen
+    selected = selected_identities(state, pod, force_namespaced=settings.force_namespaced)
+    conflict = _conflict(query, (*assigned, *created, *selected), object_ids)
+    if conflict is not None:
+        return conflict
     if chosen is not None:
-        return Grant(chosen)
-    if any(not query.named or query.matches(i) for i in created):
+        return chosen  # Learn
+    # Wait only where MIC may still assign what was asked for; anything else is final at once.
+    if _could_be(query, created, object_ids):
         return Pending("identity not yet assigned to the node")
-    if not has_records and _young(pod, now, settings.identity_wait_timeout_s):
-        return Pending("no identity assigned to the pod yet")
-    if query.named:
-        return Deny("the requested identity is not assigned to this pod")
-    return Deny("no identity is assigned to this pod")
-
-
-def _young(pod: Pod, now: float, window_s: float) -> bool:
-    """A pod started recently may still get identities from MIC; an old one will not."""
-    return pod.created_at == 0.0 or now - pod.created_at < 2 * window_s
-
-
-def resolve_managed(state: ClusterState, pod: Pod, query: IdentityQuery) -> Decision:
-    if not pod.labels.get(BINDING_LABEL, ""):
-        return Deny(f"pod has no {BINDING_LABEL} label")
-    chosen = _choose(pod, _managed_candidates(state, pod), query)
-    if chosen is not None:
-        return Grant(chosen)
+    if _could_be(query, selected, object_ids):
+        return Pending("identity not yet assigned to the pod")
+    if not state.synced:
+        return Pending("the cluster state is not synced yet")
     if query.named:
         return Deny("the requested identity is not bound to this pod")
-    return Deny("no identity is bound to this pod")
+    if assigned or created:
+        return Deny("no identity is assigned to this pod")
+    return Deny(_unbound(pod))
+
+
+def resolve_managed(
+    state: ClusterState,
+    pod: Pod,
+    query: IdentityQuery,
+    settings: IdentitySettings,
+    object_ids: Mapping[str, str] = NO_OBJECT_IDS,
+) -> Decision:
+    if not pod.labels.get(BINDING_LABEL, ""):
+        return Deny(_unbound(pod))
+    candidates = _order(pod, _managed_candidates(state, pod))
+    chosen = _choose(pod, candidates, query, object_ids, reject_ambiguous=settings.reject_ambiguous_identity)
+    if isinstance(chosen, Grant | Deny):
+        return chosen
+    conflict = _conflict(query, candidates, object_ids)
+    if conflict is not None:
+        return conflict
+    if chosen is not None:
+        return chosen
+    if query.named:
+        return Deny("the requested identity is not bound to this pod")
+    return Deny(_unbound(pod))
 
 
 def resolve(
@@ -187,12 +300,11 @@ def resolve(
     pod: Pod,
     query: IdentityQuery,
     settings: IdentitySettings,
-    *,
-    now: float,
+    object_ids: Mapping[str, str] = NO_OBJECT_IDS,
 ) -> Decision:
     exception = excepted_by(pod, state.in_namespace(AzurePodIdentityException, pod.namespace))
     if exception is not None:
         return PassThrough(exception)
     if settings.operation_mode == "managed":
-        return resolve_managed(state, pod, query)
-    return resolve_standard(state, pod, query, settings, now=now)
+        return resolve_managed(state, pod, query, settings, object_ids)
+    return resolve_standard(state, pod, query, settings, object_ids)

@@ -12,6 +12,8 @@ import re
 from enum import Enum
 from urllib.parse import unquote
 
+from nmi.selectors import has_broken_escape
+
 
 class Route(Enum):
     TOKEN = "token"
@@ -33,10 +35,10 @@ def canonical(path: str) -> str | None:
     """The decoded path if it is already canonical, else ``None``.
 
     Canonical means: absolute, no empty, ``.`` or ``..`` segments (a trailing slash is allowed),
-    no backslashes or control characters, and no escaped ``/``, ``\\`` or ``.`` that would
-    change the segments once decoded.
+    no backslashes or control characters, no ``%`` that is not an escape, and no escaped ``/``,
+    ``\\`` or ``.`` that would change the segments once decoded.
     """
-    if not path.startswith("/"):
+    if not path.startswith("/") or has_broken_escape(path):
         return None
     decoded = unquote(path, errors="strict") if "%" in path else path
     if "\\" in decoded or _CONTROL.search(decoded):

@@ -1,8 +1,8 @@
 """From a caller address and a token request to a token: pod lookup, identity decision, token.
 
 Each step first tries to answer from memory without awaiting; only a miss (unknown caller,
-identity not yet assigned, token not cached) awaits. The HTTP layer uses the synchronous
-``try_fast`` so a cached answer costs no task at all.
+identity not yet assigned, object id not yet learned, token not cached) awaits. The HTTP layer
+tries the synchronous steps first so a cached answer costs no task at all.
 
 The pod-start race: an address not yet in the pod cache, or an identity that MIC has not yet
 assigned, makes the request wait, woken by every cache update (``ClusterState.wait_for_change``)
@@ -15,15 +15,33 @@ import asyncio
 import time
 from collections.abc import Callable, Mapping
 
-from nmi.errors import AmbiguousPod, BadRequest, IdentityNotFound, NmiError, PodNotFound, UpstreamUnavailable
+from nmi.errors import (
+    AmbiguousPod,
+    BadRequest,
+    IdentityNotFound,
+    NmiError,
+    NoSuchIdentity,
+    PodNotFound,
+    UpstreamUnavailable,
+)
 from nmi.metrics import Metrics
 from nmi.model import AzureIdentity, IdentityType, ObjectKey, Pod
-from nmi.resolver import Decision, Deny, Grant, IdentityQuery, PassThrough, Pending, resolve
+from nmi.resolver import Decision, Deny, Grant, Learn, PassThrough, Pending, Refusal, resolve
+from nmi.selectors import IdentityQuery
 from nmi.settings import Settings
 from nmi.state import ClusterState
 from nmi.tokens.cache import TokenCache
+from nmi.tokens.claims import object_id
 from nmi.tokens.fairness import CallerSlots
 from nmi.tokens.model import Token, TokenRequest, TokenSource
+
+# IMDS's own texts (nmi-spec §2.3): SDKs and people search for them.
+IDENTITY_NOT_FOUND = "Identity not found"
+MULTIPLE_IDENTITIES = (
+    "Multiple user assigned identities exist, please specify the clientId / resourceId of the identity "
+    "in the token request"
+)
+MAX_OBJECT_IDS = 100_000
 
 
 class TokenService:
@@ -47,6 +65,8 @@ class TokenService:
         self._clock = clock
         self._loop = loop
         self._callers = CallerSlots(settings.upstream.max_concurrent_per_pod)
+        self.object_ids: dict[str, str] = {}
+        """Folded client id -> folded object id (``""``: none in its tokens), learned from tokens."""
         self._denied = metrics.decisions.labels("denied")
         self._wait_pod = metrics.waits.labels("pod", "found"), metrics.waits.labels("pod", "timeout")
         self._wait_identity = (
@@ -102,20 +122,42 @@ class TokenService:
     # --- identity -----------------------------------------------------------------------
 
     def decide_now(self, pod: Pod, query: IdentityQuery) -> Decision:
-        return resolve(self.state, pod, query, self._identity, now=self._clock())
+        return resolve(self.state, pod, query, self._identity, self.object_ids)
 
-    async def decide(self, pod: Pod, query: IdentityQuery) -> Grant | PassThrough:
+    async def decide(
+        self, pod: Pod, query: IdentityQuery, *, resource: str, api_version: str, deadline: float
+    ) -> Grant | PassThrough:
         decision = self.decide_now(pod, query)
         if isinstance(decision, Pending):
             decision = await self._wait_for_identity(pod, query, decision)
+        assert not isinstance(decision, Pending)  # the wait ends in a decision or a timeout Deny
+        if isinstance(decision, Learn):
+            await self._learn(pod, decision, resource, api_version, deadline)
+            decision = self.decide_now(pod, query)
+            # Every object id is known now: a Learn again could only come from a state change.
+            if isinstance(decision, Learn | Pending):
+                decision = Deny("the requested identity is not bound to this pod")
         if isinstance(decision, Grant | PassThrough):
             return decision
-        assert isinstance(decision, Deny)  # _wait_for_identity never returns Pending
         raise self.denied(pod, decision)
+
+    async def _learn(self, pod: Pod, learn: Learn, resource: str, api_version: str, deadline: float) -> None:
+        """Object ids of ``learn.identities`` from their tokens for this resource (cached anyway)."""
+        for identity in learn.identities:
+            request = self.request_for(identity, resource, api_version)
+            await self.token(request, deadline=deadline, caller=pod.key)
 
     def denied(self, pod: Pod, decision: Deny) -> NmiError:
         self._denied.inc()
-        return self._not_found(IdentityNotFound(f"{decision.reason} ({pod.namespace}/{pod.name})"))
+        where = f"{pod.namespace}/{pod.name}"
+        refusal = decision.refusal
+        if refusal is Refusal.NOT_FOUND:
+            return NoSuchIdentity(f"{IDENTITY_NOT_FOUND} ({decision.reason}; pod {where})")
+        if refusal is Refusal.AMBIGUOUS:
+            return BadRequest(MULTIPLE_IDENTITIES)
+        if refusal is Refusal.CONFLICT:
+            return BadRequest(f"{decision.reason} ({where})")
+        return self._not_found(IdentityNotFound(f"{decision.reason} ({where})"))
 
     async def _wait_for_identity(self, pod: Pod, query: IdentityQuery, pending: Pending) -> Decision:
         loop = self.loop
@@ -132,7 +174,10 @@ class TokenService:
                 self._wait_identity[0].observe(loop.time() - start)
                 return decision
         self._wait_identity[1].observe(loop.time() - start)
-        return Deny(f"{pending.reason}: still not assigned after {self._identity.identity_wait_timeout_s:g}s")
+        return Deny(
+            f"{pending.reason}: still not assigned after {self._identity.identity_wait_timeout_s:g}s",
+            Refusal.TIMED_OUT,
+        )
 
     def _not_found(self, error: NmiError) -> NmiError:
         if self._identity.set_retry_after_header:
@@ -166,7 +211,18 @@ class TokenService:
             kind = identity.type if identity is not None else "node"
             raise UpstreamUnavailable(f"identity type {kind} is not supported on this node")
         token = self.cache.peek(request)
-        if token is not None:
-            return token
-        async with self._callers.hold(caller, deadline=deadline):
-            return await self.cache.get(request, source, deadline=deadline)
+        if token is None:
+            async with self._callers.hold(caller, deadline=deadline):
+                token = await self.cache.get(request, source, deadline=deadline)
+        if identity is not None and not request.tenant_id:
+            self._remember_object_id(identity, token)
+        return token
+
+    def _remember_object_id(self, identity: AzureIdentity, token: Token) -> None:
+        # An identity's object id never changes, so one token tells it for good; a token without an
+        # oid claim is remembered as "" so that it is not asked again.
+        key = identity.client_id_folded
+        if key not in self.object_ids:
+            if len(self.object_ids) >= MAX_OBJECT_IDS:
+                self.object_ids.clear()  # far above any cluster's identity count: a bound, not a policy
+            self.object_ids[key] = object_id(token.access_token)

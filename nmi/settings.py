@@ -93,6 +93,8 @@ class IdentitySettings:
     """How long a request from an address not yet in the pod cache waits for the watch."""
     identity_wait_timeout_s: float = 15.0
     """How long a request waits for an identity to become ``Assigned`` (standard mode)."""
+    reject_ambiguous_identity: bool = False
+    """Several identities and none named: IMDS's 400 instead of the deterministic default."""
     allow_cross_namespace_secrets: bool = False
     """Let ``clientPassword`` name a secret outside the identity's namespace (the original did)."""
     mic_namespace: str = "default"

@@ -45,6 +45,7 @@ class ClusterState:
         self._objects: dict[str, dict[ObjectKey, KubeObject]] = {k: {} for k in KIND_OF.values()}
         self._pods_by_ip: dict[str, set[ObjectKey]] = defaultdict(set)
         self._aais_by_pod: dict[ObjectKey, set[ObjectKey]] = defaultdict(set)
+        self._bindings_by_selector: dict[str, set[ObjectKey]] = defaultdict(set)
         self._by_namespace: dict[str, dict[str, set[ObjectKey]]] = {
             k: defaultdict(set) for k in KIND_OF.values()
         }
@@ -101,6 +102,8 @@ class ClusterState:
             self._pods_by_ip[obj.ip].add(key)
         elif isinstance(obj, AzureAssignedIdentity):
             self._aais_by_pod[obj.pod_key].add(key)
+        elif isinstance(obj, AzureIdentityBinding):
+            self._bindings_by_selector[obj.selector].add(key)
 
     def _drop(self, kind: str, key: ObjectKey) -> None:
         obj = self._objects[kind].pop(key, None)
@@ -111,6 +114,8 @@ class ClusterState:
             _discard(self._pods_by_ip, obj.ip, key)
         elif isinstance(obj, AzureAssignedIdentity):
             _discard(self._aais_by_pod, obj.pod_key, key)
+        elif isinstance(obj, AzureIdentityBinding):
+            _discard(self._bindings_by_selector, obj.selector, key)
 
     def _notify(self) -> None:
         self.version += 1
@@ -143,6 +148,14 @@ class ClusterState:
     def assigned_identities(self, pod: ObjectKey) -> list[AzureAssignedIdentity]:
         objects = self._objects["AzureAssignedIdentity"]
         return [objects[k] for k in self._aais_by_pod.get(pod, ())]  # type: ignore[misc]
+
+    def bindings_selecting(self, selector: str) -> list[AzureIdentityBinding]:
+        """Bindings in any namespace whose ``spec.selector`` is exactly ``selector``."""
+        keys = self._bindings_by_selector.get(selector)
+        if not keys:
+            return []
+        objects = self._objects["AzureIdentityBinding"]
+        return [objects[k] for k in keys]  # type: ignore[misc]
 
     def count(self, cls: type[KubeObject]) -> int:
         return len(self._objects[KIND_OF[cls]])

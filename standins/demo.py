@@ -196,12 +196,13 @@ class Demo:
         self.show_answer(answer)
         body = answer.json()
         self.check(
-            answer.status == 404
+            answer.status == 400
             and isinstance(body, dict)
             and body.get("error") == "invalid_request"
+            and str(body.get("error_description", "")).startswith("Identity not found")
             and len(self.imds_requests()) == before,
-            "denied with IMDS's JSON error shape; nothing reached IMDS",
-            f"expected a 404 JSON error and no IMDS request, got {answer.status} {answer.text[:200]}",
+            "denied at once with IMDS's own final answer (400 Identity not found); nothing reached IMDS",
+            f"expected a 400 'Identity not found' error and no IMDS request, got {answer.status} {answer.text[:200]}",
         )
 
     def excepted_pod(self) -> None:

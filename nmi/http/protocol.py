@@ -365,6 +365,11 @@ class HttpProtocol(asyncio.Protocol):
             http_version = "1.1"
         else:
             http_version = parser.get_http_version()
+            if http_version != "1.0" and http_version != "1.1":
+                # llhttp takes a request line without a version as HTTP/0.9 and still parses the
+                # lines after it as headers; 2.0 cannot arrive as text. Neither is a request to serve.
+                self._refusal = BAD_REQUEST
+                raise _Refused
         url = self._url
         if url.startswith(b"/") and b"#" not in url:
             path, _, query = url.partition(b"?")

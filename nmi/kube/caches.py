@@ -1,8 +1,8 @@
 """What NMI watches on its node, per mode, and the ``KubeSource`` that runs those watches.
 
-Standard mode: this node's pods, the AzureAssignedIdentities MIC labelled ``nodename=<node>``
-(every AAI when scale features are off, as the original) and the exceptions. Managed mode: this
-node's pods, AzureIdentities, AzureIdentityBindings and exceptions.
+Both modes: this node's pods, AzureIdentities, AzureIdentityBindings and exceptions. Standard
+mode adds the AzureAssignedIdentities MIC labelled ``nodename=<node>`` (every AAI when scale
+features are off, as the original).
 
 Identities, bindings and exceptions are watched cluster-wide rather than per namespace with pods
 on this node: they are few and small (AKS caps both at 200 per cluster), one watch each costs the
@@ -46,13 +46,14 @@ SOURCE_PREFIX = "kube/"
 
 def watched_resources(settings: Settings) -> list[Resource]:
     node = settings.cluster.node_name
-    resources = [Resource("pods", "Pod", "/api/v1/pods", field_selector=f"spec.nodeName={node}")]
-    if settings.identity.operation_mode == "managed":
-        resources += [
-            Resource("azureidentities", "AzureIdentity", CRD_PATH + "azureidentities"),
-            Resource("azureidentitybindings", "AzureIdentityBinding", CRD_PATH + "azureidentitybindings"),
-        ]
-    else:
+    resources = [
+        Resource("pods", "Pod", "/api/v1/pods", field_selector=f"spec.nodeName={node}"),
+        # Both modes: managed mode decides from them; standard mode tells from them whether MIC may
+        # still assign an identity to a pod (a bounded wait) or never will (a final answer at once).
+        Resource("azureidentities", "AzureIdentity", CRD_PATH + "azureidentities"),
+        Resource("azureidentitybindings", "AzureIdentityBinding", CRD_PATH + "azureidentitybindings"),
+    ]
+    if settings.identity.operation_mode != "managed":
         selector = f"nodename={node}" if settings.cluster.enable_scale_features else ""
         resources.append(
             Resource(

@@ -1,11 +1,10 @@
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from nmi.model import ObjectKey, Pod, parse_object
-from nmi.resolver import Deny, Grant, IdentityQuery, PassThrough, Pending, resolve
+from nmi.resolver import Deny, Grant, Learn, PassThrough, Pending, Refusal, resolve
+from nmi.selectors import IdentityQuery
 from nmi.settings import IdentitySettings
 from nmi.state import ClusterState
 from tests.core.builders import assigned, binding, exception, identity, pod
@@ -17,8 +16,10 @@ STANDARD = IdentitySettings()
 MANAGED = IdentitySettings(operation_mode="managed", force_namespaced=True)
 
 
-def make_state(*objs: dict) -> ClusterState:
+def make_state(*objs: dict, synced: bool = True) -> ClusterState:
     state = ClusterState()
+    state.register_source("test")
+    state.mark_synced("test", synced)
     for obj in objs:
         state.apply(parse_object(obj))
     return state
@@ -33,8 +34,8 @@ def the_pod(state: ClusterState, name: str = "web", ns: str = "default") -> Pod:
 ANY = IdentityQuery()
 
 
-def decide(state: ClusterState, query: IdentityQuery = ANY, settings=STANDARD, name="web"):
-    return resolve(state, the_pod(state, name), query, settings, now=time.time())
+def decide(state: ClusterState, query: IdentityQuery = ANY, settings=STANDARD, name="web", object_ids=None):
+    return resolve(state, the_pod(state, name), query, settings, object_ids or {})
 
 
 def test_standard_assigned_identity_is_granted() -> None:
@@ -72,11 +73,35 @@ def test_created_but_not_assigned_is_pending() -> None:
     assert isinstance(decide(state, IdentityQuery(client_id=ID_A["spec"]["clientID"].casefold())), Pending)
 
 
-def test_new_pod_without_any_assignment_waits_old_pod_is_denied() -> None:
-    young = make_state(pod("web", "10.0.0.5"))
-    assert isinstance(decide(young), Pending)
-    old = make_state(pod("web", "10.0.0.5", created="2020-01-01T00:00:00Z"))
-    assert isinstance(decide(old), Deny)
+def test_pod_no_binding_selects_is_denied_at_once_in_both_modes() -> None:
+    for labels in ({}, {"aadpodidbinding": "nobody"}, {"aadpodidbinding": ""}):
+        state = make_state(pod("web", "10.0.0.5", labels=labels), ID_A, binding("b1", "id-a", "web"))
+        for settings in (STANDARD, MANAGED):
+            decision = decide(state, settings=settings)
+            assert isinstance(decision, Deny) and decision.refusal is Refusal.NOT_FOUND, (labels, settings)
+
+
+def test_selected_but_not_yet_assigned_waits_for_mic() -> None:
+    web = pod("web", "10.0.0.5", labels={"aadpodidbinding": "web"}, created="2020-01-01T00:00:00Z")
+    state = make_state(web, ID_A, ID_B, binding("b1", "id-a", "web"))
+    assert isinstance(decide(state), Pending)
+    assert isinstance(decide(state, IdentityQuery(client_id=ID_A["spec"]["clientID"].casefold())), Pending)
+    # A named identity that no binding of the pod selects never comes: final at once.
+    decision = decide(state, IdentityQuery(client_id=ID_B["spec"]["clientID"].casefold()))
+    assert isinstance(decision, Deny) and decision.refusal is Refusal.NOT_FOUND
+
+
+def test_binding_in_other_namespace_selects_unless_namespaced() -> None:
+    web = pod("web", "10.0.0.5", labels={"aadpodidbinding": "web"})
+    shared = identity("shared", "5555", ns="infra")
+    state = make_state(web, shared, binding("b", "shared", "web", ns="infra"))
+    assert isinstance(decide(state), Pending)
+    assert isinstance(decide(state, settings=IdentitySettings(force_namespaced=True)), Deny)
+
+
+def test_unsynced_state_waits_rather_than_refusing() -> None:
+    state = make_state(pod("web", "10.0.0.5"), synced=False)
+    assert isinstance(decide(state), Pending)
 
 
 def test_namespaced_identity_from_other_namespace_is_dropped_without_crash() -> None:
@@ -195,3 +220,69 @@ async def test_wait_for_change_wakes_on_apply() -> None:
     state.apply(parse_object(pod("a", "10.0.0.1")))
     assert await asyncio.wait_for(waiter, 1) is True
     assert await state.wait_for_change(0.01) is False
+
+
+# --- selectors that name identities ----------------------------------------------------------
+
+OID_A = "0a0a0a0a-0000-0000-0000-00000000000a"
+OID_B = "0b0b0b0b-0000-0000-0000-00000000000b"
+CID_A = ID_A["spec"]["clientID"].casefold()
+CID_B = ID_B["spec"]["clientID"].casefold()
+RID_A = ID_A["spec"]["resourceID"].casefold()
+RID_B = ID_B["spec"]["resourceID"].casefold()
+
+
+def two_identities() -> ClusterState:
+    return make_state(pod("web", "10.0.0.5"), assigned("web", ID_A), assigned("web", ID_B))
+
+
+def test_every_selector_must_agree_on_one_identity() -> None:
+    state = two_identities()
+    decision = decide(state, IdentityQuery(client_id=CID_B, resource_id=RID_B))
+    assert isinstance(decision, Grant) and decision.identity.name == "id-b"
+    # client id names A, resource id names B: refused, never one of them.
+    decision = decide(state, IdentityQuery(client_id=CID_A, resource_id=RID_B))
+    assert isinstance(decision, Deny) and decision.refusal is Refusal.CONFLICT
+
+
+def test_object_id_unknown_asks_to_learn_then_grants_only_the_match() -> None:
+    state = two_identities()
+    decision = decide(state, IdentityQuery(object_id=OID_B))
+    assert isinstance(decision, Learn) and {i.name for i in decision.identities} == {"id-a", "id-b"}
+    learned = {CID_A: OID_A, CID_B: OID_B}
+    decision = decide(state, IdentityQuery(object_id=OID_B), object_ids=learned)
+    assert isinstance(decision, Grant) and decision.identity.name == "id-b"
+    decision = decide(state, IdentityQuery(object_id="f" * 8), object_ids=learned)
+    assert isinstance(decision, Deny) and decision.refusal is Refusal.NOT_FOUND
+    # Only the identity whose object id is unknown is learned.
+    decision = decide(state, IdentityQuery(object_id=OID_B), object_ids={CID_A: OID_A})
+    assert isinstance(decision, Learn) and [i.name for i in decision.identities] == ["id-b"]
+    decision = decide(state, IdentityQuery(client_id=CID_A, object_id=OID_B), object_ids=learned)
+    assert isinstance(decision, Deny) and decision.refusal is Refusal.CONFLICT
+
+
+def test_reject_ambiguous_identity_only_when_several_and_none_named() -> None:
+    strict = IdentitySettings(reject_ambiguous_identity=True)
+    decision = decide(two_identities(), settings=strict)
+    assert isinstance(decision, Deny) and decision.refusal is Refusal.AMBIGUOUS
+    decision = decide(two_identities(), IdentityQuery(client_id=CID_A), settings=strict)
+    assert isinstance(decision, Grant) and decision.identity.name == "id-a"
+    one = make_state(pod("web", "10.0.0.5"), assigned("web", ID_A))
+    assert isinstance(decide(one, settings=strict), Grant)
+    managed = IdentitySettings(
+        operation_mode="managed", force_namespaced=True, reject_ambiguous_identity=True
+    )
+    state = make_state(
+        pod("web", "10.0.0.5", labels={"aadpodidbinding": "web"}),
+        ID_A,
+        ID_B,
+        binding("b1", "id-a", "web"),
+        binding("b2", "id-b", "web"),
+        binding("b3", "id-b", "web"),
+    )
+    decision = decide(state, settings=managed)
+    assert isinstance(decision, Deny) and decision.refusal is Refusal.AMBIGUOUS
+    state.remove("AzureIdentityBinding", ObjectKey("default", "b1"))
+    # Two bindings of one identity are not an ambiguity.
+    decision = decide(state, settings=managed)
+    assert isinstance(decision, Grant) and decision.identity.name == "id-b"

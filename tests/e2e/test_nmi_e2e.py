@@ -69,11 +69,12 @@ def test_bound_pod_gets_a_token_through_nmi_then_a_cached_one(shared: Sandbox) -
     assert len(shared.imds_requests()) == before + 1, "the second answer must come from NMI's cache"
 
 
-def test_unbound_pod_is_denied_with_an_imds_style_404(shared: Sandbox) -> None:
+def test_unbound_pod_is_denied_at_once_with_imds_identity_not_found(shared: Sandbox) -> None:
     before = len(shared.imds_requests())
     answer = sdk_get(shared, "batch")
 
-    assert answer["status"] == 404, answer
+    assert answer["status"] == 400, answer
+    assert answer["body"]["error_description"].startswith("Identity not found"), answer
     assert answer["headers"]["content-type"].startswith("application/json")
     assert answer["body"]["error"] == "invalid_request" and answer["body"]["error_description"]
     assert len(shared.imds_requests()) == before
@@ -187,4 +188,4 @@ def test_managed_mode_serves_bound_pods_and_denies_others(up_sandbox: UpSandbox)
     sandbox = up_sandbox(mode="managed")
     assert token_claims(sdk_get(sandbox, "web"))["appid"] == WEB_CLIENT_ID
     denied = sdk_get(sandbox, "batch")
-    assert denied["status"] == 404 and denied["body"]["error"] == "invalid_request", denied
+    assert denied["status"] == 400 and denied["body"]["error"] == "invalid_request", denied

@@ -34,6 +34,8 @@ async def test_list_populates_state_marks_synced_and_uses_pages(
     assert cache.state.synced
     assert cache.state.sources() == {
         "kube/pods": True,
+        "kube/azureidentities": True,
+        "kube/azureidentitybindings": True,
         "kube/azureassignedidentities": True,
         "kube/azurepodidentityexceptions": True,
     }

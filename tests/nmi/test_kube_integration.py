@@ -161,7 +161,7 @@ async def test_other_nodes_assignments_are_not_seen(cluster_factory) -> None:
         ]
     )
     assert c.app.state.count(AzureAssignedIdentity) == 0
-    assert (await c.get("127.0.0.32")).status == 404
+    assert (await c.get("127.0.0.32")).status == 400
 
 
 async def test_managed_label_change_and_binding_delete(cluster_factory) -> None:
@@ -181,7 +181,7 @@ async def test_managed_label_change_and_binding_delete(cluster_factory) -> None:
     c.api.delete("AzureIdentityBinding", "default", "bind-b")
 
     async def denied() -> bool:
-        return (await c.get("127.0.0.33")).status == 404
+        return (await c.get("127.0.0.33")).status == 400
 
     assert await eventually(denied)
 
