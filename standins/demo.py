@@ -202,7 +202,7 @@ class Demo:
             and str(body.get("error_description", "")).startswith("Identity not found")
             and len(self.imds_requests()) == before,
             "denied at once with IMDS's own final answer (400 Identity not found); nothing reached IMDS",
-            f"expected a 400 'Identity not found' error and no IMDS request, got {answer.status} {answer.text[:200]}",
+            f"expected a 400 'Identity not found', no IMDS request; got {answer.status} {answer.text[:160]}",
         )
 
     def excepted_pod(self) -> None:
