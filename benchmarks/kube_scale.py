@@ -58,11 +58,11 @@ async def _child(args: argparse.Namespace) -> None:
 
     from prometheus_client import CollectorRegistry
 
-    from nmi.kube import KubeSource
     from nmi.metrics import Metrics
-    from nmi.model import AzureAssignedIdentity, Pod
     from nmi.settings import ClusterSettings, Settings
-    from nmi.state import ClusterState
+    from nmi.watches import KubeSource
+    from podidentity.model import AzureAssignedIdentity, Pod
+    from podidentity.state import ClusterState
 
     imported = time.perf_counter()
     rss_import = _status_kb("VmRSS") / 1024

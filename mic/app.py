@@ -9,25 +9,28 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import aiohttp
-from aiohttp import web
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client import CollectorRegistry
 
 from mic.arm import ArmClient
 from mic.credentials import ArmCredential, FileArmCredential, ImdsArmCredential
-from mic.kube import AaiWriter, MicSource
+from mic.kube import AaiWriter, watch_set
 from mic.metrics import MicMetrics
 from mic.reconcile import Reconciler
 from mic.settings import MicSettings, dumps
-from nmi.errors import ConfigError
-from nmi.kube.client import KubeClient
-from nmi.kube.config import load_connection
-from nmi.kube.settings import KubeSettings
-from nmi.state import ClusterState
+from podidentity.errors import ConfigError
+from podidentity.http import HttpServer, Request, Response, json_response, text_response
+from podidentity.http.settings import ServerSettings
+from podidentity.kube.client import KubeClient
+from podidentity.kube.config import load_connection
+from podidentity.kube.settings import KubeSettings
+from podidentity.kube.watchset import WatchSet
+from podidentity.model import Node
+from podidentity.probes import NOT_FOUND, MetricsEndpoint
+from podidentity.state import ClusterState
 
 log = logging.getLogger("mic")
 
@@ -51,12 +54,12 @@ class App:
         self._environ = environ
         self._credential = credential
         self.state = ClusterState()
-        self.source: MicSource | None = None
+        self.source: WatchSet | None = None
         self.reconciler: Reconciler | None = None
         self._client: KubeClient | None = None
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._runners: list[web.AppRunner] = []
+        self._servers: list[HttpServer] = []
         self.probe_port = 0
         self.metrics_port = 0
 
@@ -73,11 +76,11 @@ class App:
         )
         credential = self._credential or self._make_credential()
         arm = ArmClient(s.arm, self._session, credential, self.metrics)
-        source = MicSource(self._client, self.state, self.metrics, kube=self._kube, on_change=self._changed)
+        source = watch_set(self.state, self.metrics, kube=self._kube, on_change=self._changed)
         self.source = source
         self.reconciler = Reconciler(
             state=self.state,
-            nodes=lambda: source.nodes.nodes,
+            nodes=lambda: {n.name: n for n in self.state.all(Node)},
             ready=lambda: source.ready,
             writer=AaiWriter(self._client, self.state, self.metrics),
             arm=arm,
@@ -87,7 +90,7 @@ class App:
         )
         self.metrics.new_leader.inc()
         log.info("MIC starting: kubernetes %s (%s); %s", connection.server, connection.source, dumps(s))
-        source.start()
+        source.start(self._client)
         r = self.reconciler
         self._tasks += [
             asyncio.create_task(r.run(), name="mic-reconcile"),
@@ -98,11 +101,9 @@ class App:
         ]
         for task in self._tasks:
             task.add_done_callback(_report_exit)
-        self.probe_port = await self._serve(
-            s.http_probe_host, s.http_probe_port, [("/healthz", self._healthz)]
-        )
+        self.probe_port = await self._serve(s.http_probe_host, s.http_probe_port, self._healthz, "mic-probe")
         self.metrics_port = await self._serve(
-            s.prometheus_host, s.prometheus_port, [("/metrics", self._metrics)]
+            s.prometheus_host, s.prometheus_port, MetricsEndpoint(self.registry), "mic-metrics"
         )
 
     def _make_credential(self) -> ArmCredential:
@@ -127,16 +128,12 @@ class App:
         if self.reconciler is not None:
             self.reconciler.mark_dirty()
 
-    async def _serve(self, host: str, port: int, routes: list[tuple[str, Any]]) -> int:
-        app = web.Application()
-        for path, handler in routes:
-            app.router.add_get(path, handler)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
-        await runner.setup()
-        await web.TCPSite(runner, host, port).start()
-        self._runners.append(runner)
-        bound: int = runner.addresses[0][1]
-        return bound
+    async def _serve(self, host: str, port: int, handler: Callable[[Request], Response], name: str) -> int:
+        # The core's server, as NMI's probes use: limits and deadlines included, nothing to tune here.
+        server = HttpServer(ServerSettings(max_connections=256, graceful_timeout_s=1.0), handler, name=name)
+        await server.start(host, port)
+        self._servers.append(server)
+        return server.port
 
     def health(self) -> dict[str, Any]:
         assert self.source is not None and self.reconciler is not None
@@ -151,17 +148,15 @@ class App:
             return False
         return all(not t.done() for t in self._tasks) and self.reconciler.healthy()
 
-    async def _healthz(self, request: web.Request) -> web.Response:
+    def _healthz(self, request: Request) -> Response:
+        if request.raw_path != "/healthz":
+            return NOT_FOUND
         ok = self.healthy()
-        if "verbose" in request.query:
-            return web.json_response(self.health(), status=200 if ok else 503, dumps=json.dumps)
+        status = 200 if ok else 503
+        if any(part.partition("=")[0] == "verbose" for part in request.query.split("&")):
+            return json_response(status, json.dumps(self.health()).encode())
         # The original's bodies; unlike it, not-healthy is a 503 so probes see it.
-        return web.Response(text="Active" if ok else "Not Active", status=200 if ok else 503)
-
-    async def _metrics(self, request: web.Request) -> web.Response:
-        return web.Response(
-            body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
-        )
+        return text_response(status, "Active" if ok else "Not Active")
 
     async def stop(self) -> None:
         tasks, self._tasks = self._tasks, []
@@ -171,9 +166,9 @@ class App:
         await asyncio.gather(*tasks, return_exceptions=True)
         if self.source is not None:
             await self.source.stop()
-        for runner in self._runners:
-            await runner.cleanup()
-        self._runners = []
+        for server in self._servers:
+            await server.shutdown()
+        self._servers = []
         if self._client is not None:
             await self._client.close()
             self._client = None

@@ -21,9 +21,9 @@ from mic.settings import (
     azure_config_from_env,
     parse_azure_config,
 )
-from nmi import __version__
-from nmi.cli import _flag, _port
-from nmi.errors import ConfigError
+from podidentity import __version__
+from podidentity.cliargs import flag, port
+from podidentity.errors import ConfigError
 
 log = logging.getLogger("mic")
 
@@ -55,10 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="store_true")
     p.add_argument("--kubeconfig", default="")
     p.add_argument("--cloudconfig", default="", help="azure.json; empty: environment variables")
-    _flag(p, "--forceNamespaced", False, "pod, binding and identity in one namespace; AAIs there too")
+    flag(p, "--forceNamespaced", False, "pod, binding and identity in one namespace; AAIs there too")
     p.add_argument("--immutable-user-msis", default="", help="client IDs never removed from VMs/VMSSs")
-    p.add_argument("--http-probe-port", type=_port, default=8080)
-    p.add_argument("--prometheus-port", type=_port, default=8888)
+    p.add_argument("--http-probe-port", type=port, default=8080)
+    p.add_argument("--prometheus-port", type=port, default=8888)
     p.add_argument("--identity-assignment-reconcile-interval", type=go_duration, default=180.0)
     p.add_argument("--syncRetryDuration", type=go_duration, default=3600.0)
     p.add_argument("--update-user-msi-max-retry", type=int, default=2)
@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p.add_argument(name, default=None, help=argparse.SUPPRESS)
     for name in ("--enableScaleFeatures", "--enableProfile", "--enable-type-upgrade", "--logtostderr"):
-        _flag(p, name, False, argparse.SUPPRESS)
+        flag(p, name, False, argparse.SUPPRESS)
     return p
 
 

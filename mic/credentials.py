@@ -1,6 +1,6 @@
 """MIC's own bearer token for Resource Manager.
 
-* Managed identity (azure.json ``useManagedIdentityExtension``): IMDS through NMI's
+* Managed identity (azure.json ``useManagedIdentityExtension``): IMDS through the core's
   ``ImdsTokenSource`` (retries, 429 handling, deadline), for ``userAssignedIdentityID`` or the
   system-assigned identity. The token is reused until five minutes before it expires.
 * ``--arm-token-file``: a token read from a file on each use, for tests and break-glass.
@@ -19,12 +19,12 @@ from urllib.parse import urlsplit
 import aiohttp
 from prometheus_client import CollectorRegistry
 
-from nmi.errors import ConfigError, UpstreamRefused, UpstreamUnavailable
-from nmi.metrics import Metrics
-from nmi.settings import UpstreamSettings
-from nmi.tokens.imds_source import ImdsTokenSource
-from nmi.tokens.limiter import UpstreamLimiter
-from nmi.tokens.model import Token, TokenRequest
+from podidentity.errors import ConfigError, UpstreamRefused, UpstreamUnavailable
+from podidentity.imds.limiter import UpstreamLimiter
+from podidentity.imds.metrics import UpstreamMetrics
+from podidentity.imds.settings import UpstreamSettings
+from podidentity.imds.source import ImdsTokenSource
+from podidentity.tokens import Token, TokenRequest
 
 REFRESH_MARGIN_S = 300.0
 TOKEN_DEADLINE_S = 30.0
@@ -61,7 +61,8 @@ class ImdsArmCredential:
             settings,
             session,
             UpstreamLimiter(settings.max_concurrent, settings.rate_per_s),
-            Metrics(CollectorRegistry()),
+            # MIC's scrape shows ARM, not NMI's upstream families: these stay private.
+            UpstreamMetrics(CollectorRegistry()),
             user_agent=user_agent,
             clock=clock,
         )

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from mic.model import DEFAULT_AAI_NAMESPACE, FINALIZER, NODENAME_LABEL, valid_resource_id
-from nmi.model import (
+from podidentity.binding import binds
+from podidentity.model import (
     BEHAVIOR_ANNOTATION,
     BINDING_LABEL,
     GROUP_VERSION,
@@ -87,11 +88,9 @@ def desired_assignments(
             continue
         for b in by_selector.get(label, ()):
             identity = by_key.get(ObjectKey(b.namespace, b.identity_name))
-            if identity is None:
+            if identity is None or not binds(b, identity, pod, force_namespaced=force_namespaced):
                 continue
             namespaced = force_namespaced or identity.namespaced
-            if namespaced and not (identity.namespace == b.namespace == pod.namespace):
-                continue
             a = Assignment(
                 namespace=identity.namespace if namespaced else DEFAULT_AAI_NAMESPACE,
                 name=aai_name(pod.name, pod.namespace, identity.name),

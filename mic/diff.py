@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from mic.desired import Assignment
 from mic.model import ArmTarget
-from nmi.model import ASSIGNED, AzureAssignedIdentity, AzureIdentity, IdentityType, ObjectKey
+from podidentity.model import ASSIGNED, AzureAssignedIdentity, AzureIdentity, IdentityType, ObjectKey
 
 Pair = tuple[AzureAssignedIdentity, Assignment]
 
@@ -100,11 +100,6 @@ class TargetWork:
     @property
     def has_changes(self) -> bool:
         return bool(self.create or self.update or self.confirm or self.delete or self.remove_ids)
-
-    def add_ids(self) -> dict[str, str]:
-        """Identities to attach for the AAIs this work creates, replaces or confirms."""
-        wanted = [*self.create, *(a for _, a in self.update), *(a for _, a in self.confirm)]
-        return {a.identity.resource_id_folded: a.identity.resource_id for a in wanted if a.needs_arm}
 
 
 @dataclass(slots=True)

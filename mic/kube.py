@@ -1,4 +1,4 @@
-"""MIC's view of the cluster: five watches into one ``ClusterState`` (+ nodes), and the AAI writer.
+"""MIC's view of the cluster: five watches into one ``ClusterState``, and the AAI writer.
 
 Watched, cluster-wide: pods **with the ``aadpodidbinding`` label** (a label-exists selector, so
 memory and watch traffic follow the labelled pods only, mic-spec §6.1), AzureIdentities,
@@ -11,159 +11,77 @@ the next reconcile never re-POSTs an object whose watch event has not arrived (m
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+from prometheus_client import Counter, Histogram
+
 from mic.metrics import KUBE_ADD, KUBE_DELETE, KUBE_STATUS, KUBE_UPDATE, MicMetrics
-from mic.model import FINALIZER, Node, parse_node
-from nmi.kube.caches import StateSink
-from nmi.kube.client import KubeClient
-from nmi.kube.errors import KubeApiError, KubeError
-from nmi.kube.health import WatchHealth
-from nmi.kube.settings import KubeSettings
-from nmi.kube.watching import Resource, Watcher, supervise
-from nmi.model import BINDING_LABEL, AzureAssignedIdentity, ObjectKey, parse_assigned_identity
-from nmi.state import ClusterState
+from mic.model import FINALIZER
+from podidentity.kube.client import KubeClient
+from podidentity.kube.errors import KubeApiError, KubeError
+from podidentity.kube.settings import KubeSettings
+from podidentity.kube.watching import Resource
+from podidentity.kube.watchset import WatchSet
+from podidentity.model import (
+    BINDING_LABEL,
+    CRD_PATH,
+    KIND_OF,
+    AzureAssignedIdentity,
+    AzureIdentity,
+    AzureIdentityBinding,
+    Node,
+    ObjectKey,
+    Pod,
+    parse_assigned_identity,
+)
+from podidentity.state import ClusterState
 
 log = logging.getLogger("mic.kube")
 
-CRD_PATH = "/apis/aadpodidentity.k8s.io/v1/"
 SOURCE_PREFIX = "mic/"
 
 RESOURCES = (
-    Resource("pods", "Pod", "/api/v1/pods", label_selector=BINDING_LABEL),
-    Resource("azureidentities", "AzureIdentity", CRD_PATH + "azureidentities"),
-    Resource("azureidentitybindings", "AzureIdentityBinding", CRD_PATH + "azureidentitybindings"),
-    Resource("azureassignedidentities", "AzureAssignedIdentity", CRD_PATH + "azureassignedidentities"),
+    Resource(KIND_OF[Pod], label_selector=BINDING_LABEL),
+    Resource(KIND_OF[AzureIdentity]),
+    Resource(KIND_OF[AzureIdentityBinding]),
+    Resource(KIND_OF[AzureAssignedIdentity]),
+    Resource(KIND_OF[Node]),
 )
-NODES = Resource("nodes", "Node", "/api/v1/nodes")
 
 
-class _NotifyingSink:
-    """A ``StateSink`` that also reports every change."""
-
-    def __init__(self, inner: StateSink, on_change: Callable[[], None]) -> None:
-        self._inner = inner
-        self._on_change = on_change
-
-    def replace(self, objects: list[Any]) -> None:
-        self._inner.replace(objects)
-        self._on_change()
-
-    def apply(self, obj: Any) -> None:
-        self._inner.apply(obj)
-        self._on_change()
-
-    def remove(self, key: ObjectKey) -> None:
-        self._inner.remove(key)
-        self._on_change()
-
-    def synced(self) -> None:
-        self._inner.synced()
-        self._on_change()
+def watch_set(
+    state: ClusterState, metrics: MicMetrics, *, kube: KubeSettings, on_change: Callable[[], None]
+) -> WatchSet:
+    return WatchSet(
+        RESOURCES,
+        state,
+        settings=kube,
+        metrics=metrics,
+        source_prefix=SOURCE_PREFIX,
+        task_prefix="mic",
+        on_change=on_change,
+    )
 
 
-class NodeCache:
-    """Node name → node; a watch sink."""
-
-    def __init__(self, on_change: Callable[[], None]) -> None:
-        self.nodes: dict[str, Node] = {}
-        self.is_synced = False
-        self._on_change = on_change
-
-    def replace(self, objects: list[Any]) -> None:
-        self.nodes = {n.name: n for n in objects if isinstance(n, Node)}
-        self._on_change()
-
-    def apply(self, obj: Any) -> None:
-        if isinstance(obj, Node) and self.nodes.get(obj.name) != obj:
-            self.nodes[obj.name] = obj
-            self._on_change()
-
-    def remove(self, key: ObjectKey) -> None:
-        if self.nodes.pop(key.name, None) is not None:
-            self._on_change()
-
-    def synced(self) -> None:
-        self.is_synced = True
-        self._on_change()
+@dataclass(frozen=True, slots=True)
+class _WriteOp:
+    error_label: str
+    refresh_on: tuple[int, ...]
+    """Statuses after which the server's copy is taken instead (exists already, conflict, gone)."""
+    duration: Callable[[MicMetrics], Histogram]
+    count: Callable[[MicMetrics], Counter]
 
 
-class MicSource:
-    def __init__(
-        self,
-        client: KubeClient,
-        state: ClusterState,
-        metrics: MicMetrics,
-        *,
-        kube: KubeSettings,
-        on_change: Callable[[], None],
-    ) -> None:
-        self._client = client
-        self._state = state
-        self._metrics = metrics
-        self._kube = kube
-        self._on_change = on_change
-        self.nodes = NodeCache(on_change)
-        self.health = {r.name: WatchHealth(r.name) for r in (*RESOURCES, NODES)}
-        self._tasks: list[asyncio.Task[None]] = []
-        for r in RESOURCES:
-            state.register_source(SOURCE_PREFIX + r.name)
-
-    @property
-    def ready(self) -> bool:
-        return all(h.synced for h in self.health.values())
-
-    def start(self) -> None:
-        for r in (*RESOURCES, NODES):
-            if r is NODES:
-                sink: Any = self.nodes
-                watcher = Watcher(
-                    self._client,
-                    r,
-                    sink,
-                    settings=self._kube,
-                    metrics=self._metrics,
-                    health=self.health[r.name],
-                    parse=parse_node,
-                )
-            else:
-                sink = _NotifyingSink(StateSink(self._state, r.kind, SOURCE_PREFIX + r.name), self._on_change)
-                watcher = Watcher(
-                    self._client,
-                    r,
-                    sink,
-                    settings=self._kube,
-                    metrics=self._metrics,
-                    health=self.health[r.name],
-                )
-            self._tasks.append(
-                asyncio.create_task(
-                    supervise(
-                        r.name,
-                        watcher.run,
-                        health=self.health[r.name],
-                        restart_delay_s=self._kube.backoff_max_s,
-                    ),
-                    name=f"mic-watch-{r.name}",
-                )
-            )
-
-    async def stop(self) -> None:
-        tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-    def snapshot(self) -> dict[str, Any]:
-        return {name: h.snapshot() for name, h in self.health.items()}
+ADD = _WriteOp(KUBE_ADD, (409,), lambda m: m.addition_duration, lambda m: m.addition_count)
+UPDATE = _WriteOp(KUBE_UPDATE, (404, 409), lambda m: m.update_duration, lambda m: m.update_count)
 
 
 def _aai_path(namespace: str, name: str = "") -> str:
-    base = f"{CRD_PATH}namespaces/{namespace}/azureassignedidentities"
+    base = f"{CRD_PATH}namespaces/{namespace}/{KIND_OF[AzureAssignedIdentity].plural}"
     return f"{base}/{name}" if name else base
 
 
@@ -194,39 +112,31 @@ class AaiWriter:
     async def create(self, body: dict[str, Any]) -> AzureAssignedIdentity | None:
         """POST; None (and the server's copy cached) if it already exists."""
         meta = body["metadata"]
-        started = time.monotonic()
-        try:
-            obj = await self._client.write("POST", _aai_path(meta["namespace"]), body)
-        except KubeApiError as exc:
-            self._metrics.kube_errors.labels(KUBE_ADD).inc()
-            if exc.status == 409:
-                await self._refresh(meta["namespace"], meta["name"])
-                return None
-            raise
-        except KubeError:
-            self._metrics.kube_errors.labels(KUBE_ADD).inc()
-            raise
-        self._metrics.addition_duration.observe(time.monotonic() - started)
-        self._metrics.addition_count.inc()
-        return self._cache(obj)
+        return await self._write("POST", _aai_path(meta["namespace"]), body, ADD)
 
     async def replace(self, body: dict[str, Any]) -> AzureAssignedIdentity | None:
         """PUT with the resourceVersion in ``body``; None on a conflict (server copy cached)."""
         meta = body["metadata"]
+        return await self._write("PUT", _aai_path(meta["namespace"], meta["name"]), body, UPDATE)
+
+    async def _write(
+        self, method: str, path: str, body: dict[str, Any], op: _WriteOp
+    ) -> AzureAssignedIdentity | None:
+        meta = body["metadata"]
         started = time.monotonic()
         try:
-            obj = await self._client.write("PUT", _aai_path(meta["namespace"], meta["name"]), body)
+            obj = await self._client.write(method, path, body)
         except KubeApiError as exc:
-            self._metrics.kube_errors.labels(KUBE_UPDATE).inc()
-            if exc.status in (404, 409):
+            self._metrics.kube_errors.labels(op.error_label).inc()
+            if exc.status in op.refresh_on:
                 await self._refresh(meta["namespace"], meta["name"])
                 return None
             raise
         except KubeError:
-            self._metrics.kube_errors.labels(KUBE_UPDATE).inc()
+            self._metrics.kube_errors.labels(op.error_label).inc()
             raise
-        self._metrics.update_duration.observe(time.monotonic() - started)
-        self._metrics.update_count.inc()
+        op.duration(self._metrics).observe(time.monotonic() - started)
+        op.count(self._metrics).inc()
         return self._cache(obj)
 
     async def set_status(self, aai: AzureAssignedIdentity, status: str) -> AzureAssignedIdentity:

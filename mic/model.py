@@ -1,17 +1,16 @@
-"""MIC's own views: nodes and the ARM resource (VM or scale set) a node runs on.
+"""MIC's own views: the ARM resource (VM or scale set) a node runs on.
 
-Pods, identities, bindings and AzureAssignedIdentities use NMI's views (``nmi.model``).
+Pods, identities, bindings, AzureAssignedIdentities and nodes are the core's views
+(``podidentity.model``).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
-from nmi.errors import ConfigError
-from nmi.model import ObjectKey
+from podidentity.model import Node
 
 FINALIZER = "azureassignedidentity.finalizers.aadpodidentity.k8s.io"
 NODENAME_LABEL = "nodename"
@@ -19,32 +18,6 @@ DEFAULT_AAI_NAMESPACE = "default"
 """Where AAIs live outside namespaced mode, for backward compatibility (mic-spec §1.4)."""
 
 ResourceKind = Literal["virtualMachines", "virtualMachineScaleSets"]
-
-
-@dataclass(frozen=True, slots=True)
-class Node:
-    name: str
-    provider_id: str = ""
-    resource_version: str = ""
-
-    @property
-    def key(self) -> ObjectKey:
-        # Nodes are cluster-scoped; the watch layer files objects without a namespace under "default".
-        return ObjectKey("default", self.name)
-
-
-def parse_node(obj: Mapping[str, Any]) -> Node:
-    meta = obj.get("metadata")
-    if not isinstance(meta, Mapping) or not isinstance(meta.get("name"), str) or not meta["name"]:
-        raise ConfigError("Node: metadata.name is required")
-    spec = obj.get("spec") or {}
-    provider_id = spec.get("providerID", "") if isinstance(spec, Mapping) else ""
-    if not isinstance(provider_id, str):
-        raise ConfigError(f"Node {meta['name']}: spec.providerID must be a string")
-    rv = meta.get("resourceVersion", "")
-    return Node(
-        name=meta["name"], provider_id=provider_id, resource_version=rv if isinstance(rv, str) else ""
-    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,18 +37,19 @@ from mic.armbody import identity_patches, user_identities
 from mic.desired import Assignment, desired_assignments, render
 from mic.diff import TargetWork, diff, plan_work
 from mic.metrics import MicMetrics
-from mic.model import ArmTarget, Node, target_of
+from mic.model import ArmTarget, target_of
 from mic.settings import AzureConfig, ReconcileSettings
-from nmi.model import (
+from podidentity.model import (
     ASSIGNED,
     CREATED,
     UNASSIGNED,
     AzureAssignedIdentity,
     AzureIdentity,
     AzureIdentityBinding,
+    Node,
     Pod,
 )
-from nmi.state import ClusterState
+from podidentity.state import ClusterState
 
 log = logging.getLogger("mic.reconcile")
 

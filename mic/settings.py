@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from nmi.errors import ConfigError
+from podidentity.errors import ConfigError
 
 ARM_PUBLIC = "https://management.azure.com/"
 IMDS_DEFAULT = "http://169.254.169.254"

@@ -1,3 +1,5 @@
 """Node Managed Identity: Azure AD tokens for Kubernetes pods without secrets in their images."""
 
-__version__ = "0.1.0"
+from podidentity import __version__
+
+__all__ = ["__version__"]

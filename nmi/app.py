@@ -17,30 +17,34 @@ import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from prometheus_client import CollectorRegistry
 
-from nmi import __version__
 from nmi.cluster_file import ClusterStateFile
-from nmi.errors import ConfigError, UpstreamUnavailable
 from nmi.handlers import NmiHandler
-from nmi.http.server import HttpServer
-from nmi.kube.settings import KubeSettings
 from nmi.logs import AuditLog, configure
 from nmi.metrics import Metrics
-from nmi.model import IdentityType, ObjectKey, Pod, Secret
-from nmi.probes import Check, MetricsEndpoint, Probes
 from nmi.proxy import ImdsProxy
 from nmi.service import TokenService
 from nmi.settings import Settings
-from nmi.state import ClusterState
 from nmi.tokens.cache import TokenCache
-from nmi.tokens.imds_source import ImdsTokenSource
-from nmi.tokens.limiter import UpstreamLimiter
-from nmi.tokens.model import TokenSource
 from nmi.warmup import WarmStart
+from podidentity import __version__
+from podidentity.errors import ConfigError, UpstreamUnavailable
+from podidentity.http.server import HttpServer
+from podidentity.imds.limiter import UpstreamLimiter
+from podidentity.imds.source import ImdsTokenSource
+from podidentity.model import IdentityType, ObjectKey, Pod, Secret
+from podidentity.probes import Check, MetricsEndpoint, Probes
+
+if TYPE_CHECKING:
+    from nmi.interception import Interception
+    from nmi.tokens.msal_source import MsalTokenSource
+    from nmi.watches import KubeSource
+from podidentity.state import ClusterState
+from podidentity.tokens import TokenSource
 
 log = logging.getLogger("nmi")
 
@@ -59,10 +63,8 @@ class App:
         settings: Settings,
         *,
         registry: CollectorRegistry | None = None,
-        kube_settings: KubeSettings | None = None,  # None: defaults; tests shrink timeouts
     ) -> None:
         self.settings = settings
-        self._kube_settings = kube_settings
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry)
         self.state = ClusterState()
@@ -77,9 +79,10 @@ class App:
         self._tasks: list[asyncio.Task[Any]] = []
         self._closers: list[Callable[[], Awaitable[None]]] = []
         self._file: ClusterStateFile | None = None
-        self._kube: Any = None
-        self._reconciler: Any = None
-        self._msal: Any = None
+        # Built only when used: each imports what it needs (kube client, iptables, msal) lazily.
+        self._kube: KubeSource | None = None
+        self._reconciler: Interception | None = None
+        self._msal: MsalTokenSource | None = None
         self.stopped = asyncio.Event()
         self._started = False
         self.metrics.gauge_fn("nmi_token_cache_entries", "Tokens in the cache", lambda: len(self.cache))
@@ -103,7 +106,7 @@ class App:
         limiter = UpstreamLimiter(upstream.max_concurrent, upstream.rate_per_s)
         sources: dict[IdentityType, TokenSource] = {
             IdentityType.USER_ASSIGNED_MSI: ImdsTokenSource(
-                upstream, session, limiter, self.metrics, user_agent=user_agent(self.settings)
+                upstream, session, limiter, self.metrics.upstream, user_agent=user_agent(self.settings)
             )
         }
         from nmi.tokens.msal_source import MsalTokenSource
@@ -133,14 +136,13 @@ class App:
             self._file.load_initial()
             self._spawn(self._file.run(), "cluster-state-file")
             return
-        from nmi.kube.caches import KubeSource
+        from nmi.watches import KubeSource
 
         self._kube = KubeSource(
             self.settings,
             self.state,
             self.metrics,
             on_pod_added=self.warmup.on_pod_added,
-            kube=self._kube_settings,
         )
 
     def _spawn(self, coro: Awaitable[Any], name: str) -> None:
@@ -161,30 +163,23 @@ class App:
             Check("listener", lambda: self.server is not None and self.server.serving),
             Check("cluster_state", lambda: self.state.synced, lambda: self.state.sources()),
         ]
-        if self._kube is not None:
-            checks.append(Check("watches", self._watches_ok, lambda: self._kube.health(), True))
-        if self._reconciler is not None:
-            checks.append(
-                Check(
-                    "iptables",
-                    lambda: self._reconciler.healthy,
-                    lambda: self._reconciler.last_error,
-                )
-            )
+        kube, rules = self._kube, self._reconciler
+        if kube is not None:
+            checks.append(Check("watches", lambda: self._watches_ok(kube), kube.health, True))
+        if rules is not None:
+            checks.append(Check("iptables", lambda: rules.healthy, lambda: rules.last_error))
         return checks
 
-    def _watches_ok(self) -> bool:
+    def _watches_ok(self, kube: KubeSource) -> bool:
         """Every cache listed once and none broken for longer than the threshold.
 
         A broken watch makes the node not ready but keeps it alive: tokens are still served
         from the last good state, and a restart would only lose that state.
         """
         threshold = self.settings.cluster.watch_broken_threshold_s
-        if not self._kube.ready:
+        if not kube.ready:
             return False
-        return all(
-            h["broken_since"] is None or h["broken_since"] < threshold for h in self._kube.health().values()
-        )
+        return all(h["broken_since"] is None or h["broken_since"] < threshold for h in kube.health().values())
 
     # --- lifecycle ------------------------------------------------------------------------
 

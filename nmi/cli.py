@@ -7,55 +7,17 @@ import os
 import sys
 from collections.abc import Sequence
 
-from nmi import __version__
 from nmi.settings import (
     ClusterSettings,
     IdentitySettings,
     IptablesSettings,
     ObservabilitySettings,
-    ServerSettings,
     Settings,
-    UpstreamSettings,
 )
-
-_TRUE = {"true", "1", "t", "yes", "y"}
-_FALSE = {"false", "0", "f", "no", "n"}
-
-
-def _bool(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in _TRUE:
-        return True
-    if lowered in _FALSE:
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"port out of range: {value}")
-    return value
-
-
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
-    return value
-
-
-def _flag(
-    parser: argparse.ArgumentParser | argparse._ArgumentGroup, name: str, default: bool, help: str
-) -> None:
-    # pflag style: --flag, --flag=true, --flag=false.
-    parser.add_argument(name, nargs="?", const=True, default=default, type=_bool, metavar="BOOL", help=help)
+from podidentity import __version__
+from podidentity.cliargs import flag, port, positive
+from podidentity.http.settings import ServerSettings
+from podidentity.imds.settings import UpstreamSettings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,55 +29,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="store_true", help="print the version and exit")
     g = p.add_argument_group("listener")
     g.add_argument("--nmi-listen-address", default="127.0.0.1")
-    g.add_argument("--nmi-port", type=_port, default=2579)
-    g.add_argument("--graceful-timeout", type=_positive, default=10.0, help="seconds to drain on SIGTERM")
+    g.add_argument("--nmi-port", type=port, default=2579)
+    g.add_argument("--graceful-timeout", type=positive, default=10.0, help="seconds to drain on SIGTERM")
     g.add_argument("--max-connections", type=int, default=4096)
     g = p.add_argument_group("upstream")
     g.add_argument("--metadata-ip", default="169.254.169.254")
-    g.add_argument("--metadata-port", type=_port, default=80)
+    g.add_argument("--metadata-port", type=port, default=80)
     g.add_argument("--upstream-max-concurrent", type=int, default=5)
-    g.add_argument("--upstream-rate", type=_positive, default=15.0, help="token requests per second")
-    g.add_argument("--upstream-timeout", type=_positive, default=10.0)
+    g.add_argument("--upstream-rate", type=positive, default=15.0, help="token requests per second")
+    g.add_argument("--upstream-timeout", type=positive, default=10.0)
     g.add_argument("--custom-user-agent", default="")
     g.add_argument("--aad-ca-bundle", default=os.environ.get("REQUESTS_CA_BUNDLE"))
     g = p.add_argument_group("identities")
     g.add_argument("--node", default=os.environ.get("NODE_NAME", ""))
     g.add_argument("--operation-mode", default="standard", type=str.lower, choices=["standard", "managed"])
-    _flag(
+    flag(
         g,
         "--forceNamespaced",
         os.environ.get("FORCENAMESPACED") == "true",
         "identities only in own namespace",
     )
     g.add_argument("--MICNamespace", default="default", help="accepted for compatibility; has no effect")
-    _flag(g, "--metadata-header-required", True, "require 'Metadata: true'")
-    _flag(g, "--set-retry-after-header", False, "answer lookup failures with 503 and Retry-After")
-    _flag(g, "--block-instance-metadata", False, "403 for /metadata/instance")
-    _flag(g, "--enable-host-token", False, "serve legacy /host/token to 127.0.0.1")
-    _flag(
+    flag(g, "--metadata-header-required", True, "require 'Metadata: true'")
+    flag(g, "--set-retry-after-header", False, "answer lookup failures with 503 and Retry-After")
+    flag(g, "--block-instance-metadata", False, "403 for /metadata/instance")
+    flag(g, "--enable-host-token", False, "serve legacy /host/token to 127.0.0.1")
+    flag(
         g,
         "--reject-ambiguous-identity",
         False,
         "a pod with several identities that names none gets IMDS's 400 instead of the default one",
     )
-    g.add_argument("--pod-wait-timeout", type=_positive, default=5.0)
-    g.add_argument("--identity-wait-timeout", type=_positive, default=None)
+    g.add_argument("--pod-wait-timeout", type=positive, default=5.0)
+    g.add_argument("--identity-wait-timeout", type=positive, default=None)
     g.add_argument("--retry-attempts-for-created", type=int, default=None)
     g.add_argument("--retry-attempts-for-assigned", type=int, default=None)
     g.add_argument("--find-identity-retry-interval", type=int, default=None)
-    _flag(g, "--allow-cross-namespace-secrets", False, "let clientPassword name another namespace")
+    flag(g, "--allow-cross-namespace-secrets", False, "let clientPassword name another namespace")
     g = p.add_argument_group("cluster")
     g.add_argument("--cluster-state", default=None, help="YAML file of objects instead of the Kubernetes API")
     g.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"))
-    _flag(g, "--enableScaleFeatures", True, "watch only this node's AzureAssignedIdentities")
+    flag(g, "--enableScaleFeatures", True, "watch only this node's AzureAssignedIdentities")
     g = p.add_argument_group("iptables")
-    _flag(g, "--manage-iptables", True, "install and reconcile the interception rules")
-    g.add_argument("--ipt-update-interval-sec", type=_positive, default=60.0)
-    _flag(g, "--cleanup-iptables-on-exit", False, "remove the rules on exit (uninstall only: fails open)")
-    _flag(g, "--enable-conntrack-deletion", False, "purge conntrack entries to the metadata address")
-    _flag(g, "--allow-network-plugin-kubenet", False, "run on kubenet nodes")
+    flag(g, "--manage-iptables", True, "install and reconcile the interception rules")
+    g.add_argument("--ipt-update-interval-sec", type=positive, default=60.0)
+    flag(g, "--cleanup-iptables-on-exit", False, "remove the rules on exit (uninstall only: fails open)")
+    flag(g, "--enable-conntrack-deletion", False, "purge conntrack entries to the metadata address")
+    flag(g, "--allow-network-plugin-kubenet", False, "run on kubenet nodes")
     g.add_argument("--kubelet-config", default="/etc/default/kubelet")
-    _flag(g, "--intercept-host-network", False, "also intercept host processes' metadata traffic (OUTPUT)")
+    flag(g, "--intercept-host-network", False, "also intercept host processes' metadata traffic (OUTPUT)")
     g.add_argument(
         "--host-network-exempt-uid",
         type=int,
@@ -130,13 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="cgroup v2 path that keeps direct IMDS access (repeatable), e.g. NMI's own",
     )
     g = p.add_argument_group("observability")
-    g.add_argument("--prometheus-port", type=_port, default=9090)
-    g.add_argument("--http-probe-port", type=_port, default=8080)
+    g.add_argument("--prometheus-port", type=port, default=9090)
+    g.add_argument("--http-probe-port", type=port, default=8080)
     g.add_argument("--log-format", choices=["text", "json"], default="text")
     g.add_argument(
         "--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
-    _flag(g, "--enableProfile", False, "accepted for compatibility; profiling is never exposed")
+    flag(g, "--enableProfile", False, "accepted for compatibility; profiling is never exposed")
     g.add_argument("-v", "--v", type=int, default=0, help="klog verbosity; >= 4 means debug logs")
     for name in (
         "--logtostderr",
@@ -145,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--skip_log_headers",
         "--one_output",
     ):
-        _flag(g, name, False, "accepted for compatibility")
+        flag(g, name, False, "accepted for compatibility")
     return p
 
 

@@ -16,9 +16,9 @@ from typing import Any
 
 import yaml
 
-from nmi.errors import ConfigError
-from nmi.model import KINDS, KubeObject, Pod, parse_object
-from nmi.state import KIND_OF, ClusterState
+from podidentity.errors import ConfigError
+from podidentity.model import KIND_OF, KINDS, KubeObject, Pod, parse_object
+from podidentity.state import ClusterState
 
 log = logging.getLogger("nmi.cluster_file")
 SOURCE = "cluster-state-file"
@@ -55,11 +55,11 @@ def load(path: str | os.PathLike[str]) -> list[KubeObject]:
 
 def apply_objects(state: ClusterState, objects: list[KubeObject], *, node_name: str) -> None:
     """Replace every kind at once; pods on other nodes are left out as a field selector would."""
-    by_kind: dict[str, list[KubeObject]] = {kind: [] for kind in KINDS}
+    by_kind: dict[str, list[KubeObject]] = {kind.name: [] for kind in KINDS}
     for obj in objects:
         if isinstance(obj, Pod) and node_name and obj.node_name != node_name:
             continue
-        by_kind[KIND_OF[type(obj)]].append(obj)
+        by_kind[KIND_OF[type(obj)].name].append(obj)
     for kind, items in by_kind.items():
         state.replace(kind, items)
 

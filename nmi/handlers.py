@@ -15,20 +15,19 @@ from collections.abc import Awaitable, Callable
 from functools import lru_cache
 from typing import Any
 
-from nmi.errors import BadRequest, Forbidden, IdentityNotFound, NmiError
-from nmi.http.request import Request
-from nmi.http.response import Response
 from nmi.logs import AuditLog, redact
 from nmi.metrics import Metrics
-from nmi.model import Pod
 from nmi.proxy import ImdsProxy
-from nmi.resolver import Deny, Grant
 from nmi.routing import Route, classify
 from nmi.selectors import IdentityQuery, has_broken_escape, parse_token_query
-from nmi.service import TokenService
+from nmi.service import Excepted, Granted, TokenService
 from nmi.settings import Settings
-from nmi.tokens.model import Token, TokenRequest
 from nmi.tokens.policy import CacheKey, cache_key
+from podidentity.errors import BadRequest, Forbidden, IdentityNotFound, ServiceError
+from podidentity.http.request import Request
+from podidentity.http.response import Response
+from podidentity.model import AzureIdentity, Pod
+from podidentity.tokens import Token
 
 Headers = tuple[tuple[bytes, bytes], ...]
 JSON: Headers = ((b"content-type", b"application/json; charset=utf-8"),)
@@ -91,7 +90,7 @@ def error_body(error: str, description: str) -> bytes:
     return json.dumps({"error": error, "error_description": description}, separators=(",", ":")).encode()
 
 
-def error_response(exc: NmiError) -> Response:
+def error_response(exc: ServiceError) -> Response:
     headers = JSON
     if exc.retry_after is not None:
         headers = (*JSON, (b"retry-after", str(int(exc.retry_after)).encode()))
@@ -146,7 +145,6 @@ class NmiHandler:
         self._metrics = metrics
         self._audit = audit
         self._clock = clock
-        self._children: dict[tuple[str, ...], Any] = {}
         self._granted = metrics.decisions.labels("granted")
         self._memos: dict[tuple[str, str], GrantMemo] = {}
         self._loop_time: Callable[[], float] = self._bind_loop_time
@@ -175,16 +173,9 @@ class NmiHandler:
         self._loop_time = asyncio.get_running_loop().time
         return self._loop_time()
 
-    def _child(self, metric: Any, *labels: str) -> Any:
-        key = (metric._name, *labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
-
     def _observe(self, request: Request, route: str, response: Response) -> Response:
         elapsed = self._loop_time() - request.received_at
-        self._child(self._metrics.requests, route, _STATUS[response.status]).observe(elapsed)
+        self._metrics.requests.labels(route, _STATUS[response.status]).observe(elapsed)
         return response
 
     def _observe_token(
@@ -192,10 +183,10 @@ class NmiHandler:
     ) -> Response:
         elapsed = self._loop_time() - request.received_at
         status = _STATUS[response.status]
-        self._child(self._metrics.requests, "token", status).observe(elapsed)
-        self._child(
-            self._metrics.nmi_operations, operation, status, namespace, resource_label(resource)
-        ).observe(elapsed)
+        self._metrics.requests.labels("token", status).observe(elapsed)
+        self._metrics.nmi_operations.labels(operation, status, namespace, resource_label(resource)).observe(
+            elapsed
+        )
         return response
 
     # --- token --------------------------------------------------------------------------
@@ -221,7 +212,7 @@ class NmiHandler:
                 return self._memo_response(request, memo, token)
         try:
             parsed = parse_token_query(request.query)
-        except NmiError as exc:
+        except ServiceError as exc:
             return self._observe_token(request, TOKEN_OPERATION, error_response(exc), "", "")
         params = parsed.params
         resource = params.get("resource", "")
@@ -239,18 +230,11 @@ class NmiHandler:
         try:
             pod = self._service.pod_now(request.peer_ip)
             if pod is not None:
-                decision = self._service.decide_now(pod, query)
-                if isinstance(decision, Grant):
-                    token_request = self._service.request_for(
-                        decision.identity, resource, api_version, tenant_id
-                    )
-                    token = self._service.cached(token_request)
-                    if token is not None:
-                        memo = self._memo(request, pod, decision, resource, token_request)
-                        return self._memo_response(request, memo, token)
-                elif isinstance(decision, Deny):
-                    raise self._service.denied(pod, decision)
-        except NmiError as exc:
+                granted = self._service.try_now(pod, query, resource, api_version, tenant_id)
+                if granted is not None:
+                    memo = self._memo(request, pod, granted, resource)
+                    return self._memo_response(request, memo, granted.token)
+        except ServiceError as exc:
             return self._failed(request, exc, pod=pod, resource=resource)
         return self._token_slow(request, query, resource, api_version, tenant_id)
 
@@ -260,35 +244,28 @@ class NmiHandler:
         pod: Pod | None = None
         try:
             pod = await self._service.pod(request.peer_ip)
-            deadline = self._service.deadline()
-            decision = await self._service.decide(
-                pod, query, resource=resource, api_version=api_version, deadline=deadline
-            )
-            if not isinstance(decision, Grant):
+            outcome = await self._service.answer(pod, query, resource, api_version, tenant_id)
+            if isinstance(outcome, Excepted):
                 self._passed.inc()
                 self._audit.record(
-                    "pass_through", pod=f"{pod.namespace}/{pod.name}", exception=str(decision.exception)
+                    "pass_through", pod=f"{pod.namespace}/{pod.name}", exception=str(outcome.exception)
                 )
                 response = await self._proxy.forward(request, "/metadata/identity/oauth2/token")
                 return self._observe_token(request, TOKEN_OPERATION, response, pod.namespace, resource)
-            token_request = self._service.request_for(decision.identity, resource, api_version, tenant_id)
-            token = await self._service.token(token_request, deadline=deadline, caller=pod.key)
-            return self._granted_response(request, pod, decision, resource, token)
-        except NmiError as exc:
+            return self._granted_response(request, pod, outcome, resource)
+        except ServiceError as exc:
             return self._failed(request, exc, pod=pod, resource=resource)
 
-    def _memo(
-        self, request: Request, pod: Pod, decision: Grant, resource: str, token_request: TokenRequest
-    ) -> GrantMemo:
+    def _memo(self, request: Request, pod: Pod, granted: Granted, resource: str) -> GrantMemo:
         if len(self._memos) >= MAX_MEMOS:
             self._memos.clear()
         memo = GrantMemo(
             self._state.version,
-            cache_key(token_request),
-            self._grant_audit(pod, decision, resource),
-            self._child(self._metrics.requests, "token", "200"),
-            self._child(
-                self._metrics.nmi_operations, TOKEN_OPERATION, "200", pod.namespace, resource_label(resource)
+            cache_key(granted.request),
+            self._grant_audit(pod, granted.identity, resource),
+            self._metrics.requests.labels("token", "200"),
+            self._metrics.nmi_operations.labels(
+                TOKEN_OPERATION, "200", pod.namespace, resource_label(resource)
             ),
         )
         self._memos[request.peer_ip, request.query] = memo
@@ -310,23 +287,21 @@ class NmiHandler:
         return response
 
     @staticmethod
-    def _grant_audit(pod: Pod, decision: Grant, resource: str) -> dict[str, Any]:
+    def _grant_audit(pod: Pod, identity: AzureIdentity, resource: str) -> dict[str, Any]:
         return {
             "pod": f"{pod.namespace}/{pod.name}",
-            "identity": f"{decision.identity.namespace}/{decision.identity.name}",
-            "client_id": redact(decision.identity.client_id),
+            "identity": f"{identity.namespace}/{identity.name}",
+            "client_id": redact(identity.client_id),
             "resource": resource,
         }
 
-    def _granted_response(
-        self, request: Request, pod: Pod, decision: Grant, resource: str, token: Token
-    ) -> Response:
+    def _granted_response(self, request: Request, pod: Pod, granted: Granted, resource: str) -> Response:
         self._granted.inc()
-        self._audit.record_fields("granted", self._grant_audit(pod, decision, resource))
-        response = Response(200, token.render(self._clock()), JSON)
+        self._audit.record_fields("granted", self._grant_audit(pod, granted.identity, resource))
+        response = Response(200, granted.token.render(self._clock()), JSON)
         return self._observe_token(request, TOKEN_OPERATION, response, pod.namespace, resource)
 
-    def _failed(self, request: Request, exc: NmiError, *, pod: Pod | None, resource: str) -> Response:
+    def _failed(self, request: Request, exc: ServiceError, *, pod: Pod | None, resource: str) -> Response:
         self._audit.record(
             "denied",
             pod=f"{pod.namespace}/{pod.name}" if pod else request.peer_ip,
@@ -350,7 +325,7 @@ class NmiHandler:
     async def _forward(self, request: Request) -> Response:
         try:
             response = await self._proxy.forward(request, request.raw_path)
-        except NmiError as exc:
+        except ServiceError as exc:
             response = error_response(exc)
         return self._observe(request, "proxy", response)
 
@@ -359,7 +334,7 @@ class NmiHandler:
     def _host_token(self, request: Request) -> Outcome:
         if not self._identity.enable_host_token:
             return self._observe(request, "host_token", HOST_TOKEN_DISABLED)
-        error: NmiError
+        error: ServiceError
         if request.peer_ip != "127.0.0.1":
             error = Forbidden("/host/token only answers processes on this node (127.0.0.1)")
             return self._observe(request, "host_token", error_response(error))
@@ -370,7 +345,7 @@ class NmiHandler:
             return self._observe(request, "host_token", error_response(error))
         try:
             parsed = parse_token_query(request.query)
-        except NmiError as exc:
+        except ServiceError as exc:
             return self._observe(request, "host_token", error_response(exc))
         resource = parsed.params.get("resource", "")
         if not resource:
@@ -384,26 +359,22 @@ class NmiHandler:
             pod = self._service.pod_by_name(namespace, name)
             if pod is None:
                 raise IdentityNotFound(f"pod {namespace}/{name} is not on this node")
-            deadline = self._service.deadline()
-            decision = await self._service.decide(
-                pod, query, resource=resource, api_version=self._api_version, deadline=deadline
-            )
-            if not isinstance(decision, Grant):
+            outcome = await self._service.answer(pod, query, resource, self._api_version)
+            if not isinstance(outcome, Granted):
                 raise IdentityNotFound(f"pod {namespace}/{name} is excepted and has no identity of its own")
-            token_request = self._service.request_for(decision.identity, resource, self._api_version)
-            token = await self._service.token(token_request, deadline=deadline, caller=pod.key)
-        except NmiError as exc:
+            granted = outcome
+        except ServiceError as exc:
             self._audit.record("denied", pod=f"{namespace}/{name}", status=exc.status, via="host_token")
             return self._observe(request, "host_token", error_response(exc))
         self._audit.record(
             "granted",
             pod=f"{namespace}/{name}",
-            client_id=redact(decision.identity.client_id),
+            client_id=redact(granted.identity.client_id),
             via="host_token",
         )
         body = b'{"token":%s,"clientid":%s}' % (
-            token.render(self._clock()),
-            json.dumps(decision.identity.client_id).encode(),
+            granted.token.render(self._clock()),
+            json.dumps(granted.identity.client_id).encode(),
         )
         return self._observe(request, "host_token", Response(200, body, JSON))
 

@@ -13,10 +13,10 @@ from iptables.drift import Drift
 from iptables.reconcile import Reconciler
 from iptables.rules import HostNetworkInterception, RuleSpec
 from iptables.runner import IptablesRunner
-from nmi.errors import ConfigError
 from nmi.metrics import Metrics
 from nmi.netsetup import KUBENET_REFUSAL, NetSetupError, ensure_route_localnet, is_kubenet, purge_conntrack
 from nmi.settings import Settings
+from podidentity.errors import ConfigError
 
 log = logging.getLogger("nmi.iptables")
 

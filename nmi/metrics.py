@@ -13,39 +13,26 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from nmi._fastmetrics import LightCounter, LightHistogram
+from podidentity.imds.metrics import UpstreamMetrics
 
 PREFIX = "aadpodidentity_"
 NMI_BUCKETS = (0.5, 1, 2, 3, 4, 5, 10, 15, 20, 25, 30, 40, 50, 60, 70, 80, 90, 100)
-IMDS_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1, 2, 3, 4, 5, 10)
 REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
-
-# Operation names of the original, kept so dashboards keep working.
-OP_MSI = "adal_token_msi"
-OP_MSI_USER_ASSIGNED = "adal_token_msi_userassignedid"
-OP_AAD = "adal_token"
 
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self.upstream = upstream = UpstreamMetrics(registry)
+        self.imds_operations = upstream.imds_operations
+        self.imds_errors = upstream.imds_errors
+        self.upstream_in_flight = upstream.upstream_in_flight
+        self.upstream_retries = upstream.upstream_retries
         self.nmi_operations = LightHistogram(
             PREFIX + "nmi_operations_duration_seconds",
             "Duration of NMI token operations",
             ["operation_type", "status_code", "namespace", "resource"],
             buckets=NMI_BUCKETS,
-            registry=registry,
-        )
-        self.imds_operations = Histogram(
-            PREFIX + "imds_operations_duration_seconds",
-            "Duration of successful upstream token fetches",
-            ["operation_type"],
-            buckets=IMDS_BUCKETS,
-            registry=registry,
-        )
-        self.imds_errors = Counter(
-            PREFIX + "imds_operations_errors_count",
-            "Failed upstream token fetches",
-            ["operation_type"],
             registry=registry,
         )
         self.kube_errors = Counter(
@@ -71,17 +58,6 @@ class Metrics:
             "nmi_token_refreshes",
             "Background token refreshes by outcome",
             ["outcome"],
-            registry=registry,
-        )
-        self.upstream_in_flight = Gauge(
-            "nmi_upstream_in_flight",
-            "Upstream token requests in flight",
-            registry=registry,
-        )
-        self.upstream_retries = Counter(
-            "nmi_upstream_retries",
-            "Upstream attempts that were retried, by reason",
-            ["reason"],
             registry=registry,
         )
         self.decisions = LightCounter(

@@ -12,11 +12,11 @@ import asyncio
 import aiohttp
 from yarl import URL
 
-from nmi.errors import UpstreamUnavailable
-from nmi.http.request import Request
-from nmi.http.response import Response
 from nmi.metrics import Metrics
-from nmi.settings import UpstreamSettings
+from podidentity.errors import UpstreamUnavailable
+from podidentity.http.request import Request
+from podidentity.http.response import Response
+from podidentity.imds.settings import UpstreamSettings
 
 HOP_BY_HOP = frozenset(
     {

@@ -22,7 +22,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 
-from nmi.model import (
+from nmi.selectors import IdentityQuery
+from nmi.settings import IdentitySettings
+from podidentity.binding import binds
+from podidentity.model import (
     ASSIGNED,
     BINDING_LABEL,
     CREATED,
@@ -31,9 +34,7 @@ from nmi.model import (
     ObjectKey,
     Pod,
 )
-from nmi.selectors import IdentityQuery
-from nmi.settings import IdentitySettings
-from nmi.state import ClusterState
+from podidentity.state import ClusterState
 
 NO_OBJECT_IDS: Mapping[str, str] = {}
 
@@ -170,6 +171,24 @@ def _choose(
     return None
 
 
+def _pick(
+    pod: Pod,
+    allowed: list[AzureIdentity],
+    coming: Iterable[AzureIdentity],
+    query: IdentityQuery,
+    object_ids: Mapping[str, str],
+    settings: IdentitySettings,
+) -> Grant | Deny | Learn | None:
+    """The decision ``allowed`` (ordered) makes, or ``None`` when none of them is the one asked for.
+
+    Selectors that disagree are refused even when only an identity still ``coming`` shows it.
+    """
+    chosen = _choose(pod, allowed, query, object_ids, reject_ambiguous=settings.reject_ambiguous_identity)
+    if isinstance(chosen, Grant | Deny):
+        return chosen
+    return _conflict(query, (*allowed, *coming), object_ids) or chosen
+
+
 def _could_be(
     query: IdentityQuery, identities: Iterable[AzureIdentity], object_ids: Mapping[str, str]
 ) -> bool:
@@ -214,11 +233,8 @@ def selected_identities(state: ClusterState, pod: Pod, *, force_namespaced: bool
     found: list[AzureIdentity] = []
     for binding in state.bindings_selecting(selector):
         identity = state.get(AzureIdentity, ObjectKey(binding.namespace, binding.identity_name))
-        if identity is None:
-            continue
-        if (force_namespaced or identity.namespaced) and binding.namespace != pod.namespace:
-            continue
-        found.append(identity)
+        if identity is not None and binds(binding, identity, pod, force_namespaced=force_namespaced):
+            found.append(identity)
     return found
 
 
@@ -248,16 +264,10 @@ def resolve_standard(
     object_ids: Mapping[str, str] = NO_OBJECT_IDS,
 ) -> Decision:
     assigned, created = _standard_candidates(state, pod, settings)
-    assigned = _order(pod, assigned)
-    chosen = _choose(pod, assigned, query, object_ids, reject_ambiguous=settings.reject_ambiguous_identity)
-    if isinstance(chosen, Grant | Deny):
-        return chosen
     selected = selected_identities(state, pod, force_namespaced=settings.force_namespaced)
-    conflict = _conflict(query, (*assigned, *created, *selected), object_ids)
-    if conflict is not None:
-        return conflict
-    if chosen is not None:
-        return chosen  # Learn
+    picked = _pick(pod, _order(pod, assigned), (*created, *selected), query, object_ids, settings)
+    if picked is not None:
+        return picked
     # Wait only where MIC may still assign what was asked for; anything else is final at once.
     if _could_be(query, created, object_ids):
         return Pending("identity not yet assigned to the node")
@@ -281,15 +291,9 @@ def resolve_managed(
 ) -> Decision:
     if not pod.labels.get(BINDING_LABEL, ""):
         return Deny(_unbound(pod))
-    candidates = _order(pod, _managed_candidates(state, pod))
-    chosen = _choose(pod, candidates, query, object_ids, reject_ambiguous=settings.reject_ambiguous_identity)
-    if isinstance(chosen, Grant | Deny):
-        return chosen
-    conflict = _conflict(query, candidates, object_ids)
-    if conflict is not None:
-        return conflict
-    if chosen is not None:
-        return chosen
+    picked = _pick(pod, _order(pod, _managed_candidates(state, pod)), (), query, object_ids, settings)
+    if picked is not None:
+        return picked
     if query.named:
         return Deny("the requested identity is not bound to this pod")
     return Deny(_unbound(pod))

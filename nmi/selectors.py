@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from urllib.parse import unquote_plus
 
-from nmi.errors import BadRequest
+from podidentity.errors import BadRequest
 
 # key (case-folded) -> which property of the identity it names
 SELECTOR_KEYS: dict[str, str] = {

@@ -1,8 +1,9 @@
 """From a caller address and a token request to a token: pod lookup, identity decision, token.
 
-Each step first tries to answer from memory without awaiting; only a miss (unknown caller,
-identity not yet assigned, object id not yet learned, token not cached) awaits. The HTTP layer
-tries the synchronous steps first so a cached answer costs no task at all.
+The service owns the whole step: ``pod_now`` + ``try_now`` answer from memory without awaiting;
+only a miss (unknown caller, identity not yet assigned, object id not yet learned, token not
+cached) goes to ``pod`` + ``answer``, which await. The HTTP layer tries the synchronous pair first
+so a cached answer costs no task at all.
 
 The pod-start race: an address not yet in the pod cache, or an identity that MIC has not yet
 assigned, makes the request wait, woken by every cache update (``ClusterState.wait_for_change``)
@@ -14,26 +15,27 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
-from nmi.errors import (
-    AmbiguousPod,
-    BadRequest,
-    IdentityNotFound,
-    NmiError,
-    NoSuchIdentity,
-    PodNotFound,
-    UpstreamUnavailable,
-)
 from nmi.metrics import Metrics
-from nmi.model import AzureIdentity, IdentityType, ObjectKey, Pod
 from nmi.resolver import Decision, Deny, Grant, Learn, PassThrough, Pending, Refusal, resolve
 from nmi.selectors import IdentityQuery
 from nmi.settings import Settings
-from nmi.state import ClusterState
 from nmi.tokens.cache import TokenCache
 from nmi.tokens.claims import object_id
 from nmi.tokens.fairness import CallerSlots
-from nmi.tokens.model import Token, TokenRequest, TokenSource
+from podidentity.errors import (
+    AmbiguousPod,
+    BadRequest,
+    IdentityNotFound,
+    NoSuchIdentity,
+    PodNotFound,
+    ServiceError,
+    UpstreamUnavailable,
+)
+from podidentity.model import AzureIdentity, IdentityType, ObjectKey, Pod
+from podidentity.state import ClusterState
+from podidentity.tokens import Token, TokenRequest, TokenSource
 
 # IMDS's own texts (nmi-spec §2.3): SDKs and people search for them.
 IDENTITY_NOT_FOUND = "Identity not found"
@@ -42,6 +44,20 @@ MULTIPLE_IDENTITIES = (
     "in the token request"
 )
 MAX_OBJECT_IDS = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class Granted:
+    identity: AzureIdentity
+    request: TokenRequest
+    token: Token
+
+
+@dataclass(frozen=True, slots=True)
+class Excepted:
+    """The pod is excepted: its request goes to IMDS as it is."""
+
+    exception: ObjectKey
 
 
 class TokenService:
@@ -121,6 +137,39 @@ class TokenService:
 
     # --- identity -----------------------------------------------------------------------
 
+    # --- the token step ---------------------------------------------------------------------
+
+    def try_now(
+        self, pod: Pod, query: IdentityQuery, resource: str, api_version: str, tenant_id: str = ""
+    ) -> Granted | None:
+        """The answer from memory without awaiting: granted with a cached token, or ``None`` for a
+        miss (call ``answer``). A final refusal raises, as ``answer`` would."""
+        decision = self.decide_now(pod, query)
+        if isinstance(decision, Grant):
+            request = self.request_for(decision.identity, resource, api_version, tenant_id)
+            token = self.cache.peek(request)
+            return Granted(decision.identity, request, token) if token is not None else None
+        if isinstance(decision, Deny):
+            raise self.denied(pod, decision)
+        return None
+
+    async def answer(
+        self, pod: Pod, query: IdentityQuery, resource: str, api_version: str, tenant_id: str = ""
+    ) -> Granted | Excepted:
+        """Decide (waiting where MIC may still assign, learning object ids), then get the token."""
+        deadline = self.deadline()
+        decision = await self.decide(
+            pod, query, resource=resource, api_version=api_version, deadline=deadline
+        )
+        if isinstance(decision, PassThrough):
+            return Excepted(decision.exception)
+        request = self.request_for(decision.identity, resource, api_version, tenant_id)
+        return Granted(
+            decision.identity, request, await self.token(request, deadline=deadline, caller=pod.key)
+        )
+
+    # --- identity -----------------------------------------------------------------------
+
     def decide_now(self, pod: Pod, query: IdentityQuery) -> Decision:
         return resolve(self.state, pod, query, self._identity, self.object_ids)
 
@@ -147,7 +196,7 @@ class TokenService:
             request = self.request_for(identity, resource, api_version)
             await self.token(request, deadline=deadline, caller=pod.key)
 
-    def denied(self, pod: Pod, decision: Deny) -> NmiError:
+    def denied(self, pod: Pod, decision: Deny) -> ServiceError:
         self._denied.inc()
         where = f"{pod.namespace}/{pod.name}"
         refusal = decision.refusal
@@ -179,7 +228,7 @@ class TokenService:
             Refusal.TIMED_OUT,
         )
 
-    def _not_found(self, error: NmiError) -> NmiError:
+    def _not_found(self, error: ServiceError) -> ServiceError:
         if self._identity.set_retry_after_header:
             # The documented way to let SDKs retry while MIC assigns (nmi-spec §2.6).
             return UpstreamUnavailable(error.description, retry_after=self._identity.retry_after_s)
@@ -201,19 +250,19 @@ class TokenService:
             identity=identity, resource=resource, api_version=api_version, tenant_id=tenant_id
         )
 
-    def cached(self, request: TokenRequest) -> Token | None:
-        return self.cache.peek(request)
-
     async def token(self, request: TokenRequest, *, deadline: float, caller: ObjectKey) -> Token:
         identity = request.identity
         source = self._sources.get(identity.type) if identity is not None else None
         if source is None:
             kind = identity.type if identity is not None else "node"
             raise UpstreamUnavailable(f"identity type {kind} is not supported on this node")
-        token = self.cache.peek(request)
-        if token is None:
-            async with self._callers.hold(caller, deadline=deadline):
-                token = await self.cache.get(request, source, deadline=deadline)
+        token = await self.cache.get(
+            request,
+            source,
+            deadline=deadline,
+            # A pod's share of the node's upstream budget is taken only by its misses.
+            admit=lambda: self._callers.hold(caller, deadline=deadline),
+        )
         if identity is not None and not request.tenant_id:
             self._remember_object_id(identity, token)
         return token

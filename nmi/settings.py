@@ -9,61 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from podidentity import __version__
+from podidentity.http.settings import ServerSettings
+from podidentity.imds.settings import UpstreamSettings
+from podidentity.kube.settings import KubeSettings
+
 OperationMode = Literal["standard", "managed"]
 LogFormat = Literal["text", "json"]
-
-
-@dataclass(frozen=True, slots=True)
-class ServerSettings:
-    listen_address: str = "127.0.0.1"
-    """Bind address of the token listener (``--nmi-listen-address``)."""
-    port: int = 2579
-    """``--nmi-port``; also the DNAT target port."""
-    max_connections: int = 4096
-    """Open connections above this are closed at once: a node has at most a few hundred pods."""
-    max_connections_per_peer: int = 256
-    """One caller (a pod's address) above this gets 503: it cannot take every slot on the node."""
-    max_request_line_bytes: int = 8190
-    """Longer request lines get 414 (aiohttp's limit)."""
-    max_header_bytes: int = 16384
-    """A larger header block gets 431."""
-    max_headers: int = 128
-    max_body_bytes: int = 8 * 1024
-    """IMDS requests are GETs without bodies; this bounds what queued requests can buffer. Larger gets 413."""
-    idle_timeout_s: float = 30.0
-    """A connection with no request in progress is closed after this long, also before its first byte."""
-    request_timeout_s: float = 10.0
-    """Absolute deadline to receive one whole request once its first byte arrived (slowloris)."""
-    graceful_timeout_s: float = 10.0
-    """On SIGTERM, in-flight requests get this long to finish."""
-    max_pipelined: int = 16
-    """Queued pipelined requests per connection before reading pauses."""
-    backlog: int = 2048
-
-
-@dataclass(frozen=True, slots=True)
-class UpstreamSettings:
-    metadata_ip: str = "169.254.169.254"
-    metadata_port: int = 80
-    api_version: str = "2018-02-01"
-    """Used when the caller names none."""
-    max_concurrent: int = 5
-    """Azure documents 5 concurrent identity requests per VM."""
-    max_concurrent_per_pod: int = 2
-    """Cold fetches one pod may have queued for that budget at once; its others wait their turn."""
-    rate_per_s: float = 15.0
-    """Azure documents 20 identity requests/s per VM; stay under it."""
-    connect_timeout_s: float = 2.0
-    request_timeout_s: float = 10.0
-    """Cap for one upstream attempt; the caller's own deadline may shorten it."""
-    retry_backoff_s: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
-    """Waits between attempts on 410/429/5xx/transport errors; its length bounds the attempts."""
-    proxy_timeout_s: float = 10.0
-    """Total time for one proxied (non-token) IMDS request."""
-    custom_user_agent: str = ""
-    """Appended to NMI's user agent on upstream calls (``--custom-user-agent``)."""
-    aad_ca_bundle: str | None = None
-    """CA bundle for Azure AD (private clouds, the test stand-in); ``None`` uses the system store."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,3 +103,5 @@ class Settings:
     observability: ObservabilitySettings = field(default_factory=ObservabilitySettings)
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
     iptables: IptablesSettings = field(default_factory=IptablesSettings)
+    kube: KubeSettings = field(default_factory=lambda: KubeSettings(user_agent=f"nmi/{__version__}"))
+    """Kubernetes client and watch tuning (tests shrink its timeouts)."""

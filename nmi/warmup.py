@@ -12,13 +12,13 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from nmi.errors import NmiError
-from nmi.model import IdentityType, Pod
 from nmi.resolver import allowed_identities
 from nmi.settings import Settings
-from nmi.state import ClusterState
 from nmi.tokens.cache import TokenCache
-from nmi.tokens.model import TokenRequest, TokenSource
+from podidentity.errors import ServiceError
+from podidentity.model import IdentityType, Pod
+from podidentity.state import ClusterState
+from podidentity.tokens import TokenRequest, TokenSource
 
 log = logging.getLogger("nmi.warmup")
 
@@ -77,7 +77,7 @@ class WarmStart:
             try:
                 await self._cache.prefetch(request, source, deadline=loop.time() + self._deadline_s)
                 self.prefetched += 1
-            except NmiError as exc:
+            except ServiceError as exc:
                 log.info("warm start skipped %s: %s", request.resource, exc.description)
 
     async def close(self) -> None:

@@ -515,7 +515,7 @@ def identities_from(path: str) -> list[tuple[str, str]]:
     Identities embedded in AzureAssignedIdentity objects count too: MIC assigned them to the VM.
     """
     from nmi.cluster_file import load
-    from nmi.model import AzureAssignedIdentity, AzureIdentity, IdentityType
+    from podidentity.model import AzureAssignedIdentity, AzureIdentity, IdentityType
 
     found: dict[str, tuple[str, str]] = {}
     for obj in load(path):

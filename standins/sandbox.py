@@ -95,7 +95,7 @@ def _netns_of(pid: int) -> str | None:
 
 def plan_pods(objects: Sequence[Any]) -> tuple[str, list[Any]]:
     """The node the file's pods run on, and its pods. Errors when the file names no or several nodes."""
-    from nmi.model import Pod
+    from podidentity.model import Pod
 
     pods = [obj for obj in objects if isinstance(obj, Pod)]
     nodes = sorted({pod.node_name for pod in pods if pod.node_name})
@@ -190,7 +190,7 @@ class Sandbox:
         ready_timeout: float = 20.0,
     ) -> Sandbox:
         from nmi.cluster_file import load
-        from nmi.errors import ConfigError
+        from podidentity.errors import ConfigError
 
         if not _PREFIX_RE.match(prefix):
             raise SandboxError(f"bad prefix {prefix!r}: lower-case letters, digits and '-', at most 40")

@@ -8,19 +8,18 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 from dataclasses import dataclass
 from typing import Any
 
 import requests
 
-from nmi.errors import NmiError, UpstreamRefused, UpstreamUnavailable
 from nmi.logs import redact as redact_id
-from nmi.model import AzureIdentity
 from nmi.tokens.aad_http import Answer, DeadlinePassed, Reply
 from nmi.tokens.credentials import CredentialError
-from nmi.tokens.model import Token
+from podidentity.errors import ServiceError, UpstreamRefused, UpstreamUnavailable
+from podidentity.model import AzureIdentity
+from podidentity.tokens import Token, number
 
 log = logging.getLogger("nmi.tokens.msal_source")
 
@@ -56,7 +55,7 @@ def _transport_failure(exc: BaseException) -> bool:
     return isinstance(exc, DeadlinePassed | requests.RequestException | OSError)
 
 
-def failure(exc: BaseException, answer: Answer | None, redact: tuple[str, ...]) -> NmiError:
+def failure(exc: BaseException, answer: Answer | None, redact: tuple[str, ...]) -> ServiceError:
     if isinstance(exc, DeadlinePassed | requests.Timeout):
         return UpstreamUnavailable("Azure AD did not answer in time")
     if isinstance(exc, requests.RequestException | OSError):
@@ -132,15 +131,5 @@ def to_token(result: dict[str, Any], identity: AzureIdentity, resource: str, now
 
 def _seconds(value: object) -> float | None:
     """Azure AD v2 sends integers; v1 and some clouds send strings. Anything else is unusable."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str):
-        try:
-            seconds = float(value.strip())
-        except ValueError:
-            return None
-    else:
-        return None
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+    seconds = number(value)
+    return seconds if seconds is not None and seconds >= 0 else None

@@ -39,13 +39,14 @@ import asyncio
 import random
 import time
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 
-from nmi.errors import UpstreamUnavailable
 from nmi.metrics import Metrics
-from nmi.model import AzureIdentity, ObjectKey
 from nmi.settings import TokenCacheSettings
-from nmi.tokens.model import Token, TokenRequest, TokenSource
 from nmi.tokens.policy import IDENTITY_KIND, CacheKey, cache_key, refresh_at
+from podidentity.errors import UpstreamUnavailable
+from podidentity.model import AzureIdentity, ObjectKey
+from podidentity.tokens import Token, TokenRequest, TokenSource
 
 FAILURE_HOLDOFF_S = 1.0
 """A key whose fetch failed is not fetched again sooner than this after the failed attempt began."""
@@ -169,9 +170,17 @@ class TokenCache:
             self._m_hit.inc()
         return token
 
-    async def get(self, request: TokenRequest, source: TokenSource, *, deadline: float) -> Token:
+    async def get(
+        self,
+        request: TokenRequest,
+        source: TokenSource,
+        *,
+        deadline: float,
+        admit: Callable[[], AbstractAsyncContextManager[None]] | None = None,
+    ) -> Token:
         """A servable token for ``request``, fetched from ``source`` if needed, by ``deadline`` (loop time).
 
+        ``admit`` guards a miss only (a caller's share of the upstream, say); a hit never waits for it.
         Raises what the source raises, or ``UpstreamUnavailable`` when the deadline passes first.
         """
         key = cache_key(request)
@@ -179,6 +188,19 @@ class TokenCache:
         if token is not None:
             self._m_hit.inc()
             return token
+        if admit is None:
+            return await self._miss(key, request, source, deadline)
+        async with admit():
+            # Another caller's fetch may have filled the entry while this one waited to be admitted.
+            token = self._serve(key, True)
+            if token is not None:
+                self._m_hit.inc()
+                return token
+            return await self._miss(key, request, source, deadline)
+
+    async def _miss(
+        self, key: CacheKey, request: TokenRequest, source: TokenSource, deadline: float
+    ) -> Token:
         if key in self._entries:
             self._m_stale.inc()
             self._drop(key)

@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.hazmat.primitives.serialization import pkcs12
 
-from nmi.model import AzureIdentity, IdentityType, Secret, SecretRef
+from podidentity.model import AzureIdentity, IdentityType, Secret, SecretRef
 
 CLIENT_SECRET_KEY = "clientSecret"
 CERTIFICATE_KEY = "certificate"

@@ -13,7 +13,7 @@ import asyncio
 from collections.abc import AsyncIterator, Hashable
 from contextlib import asynccontextmanager
 
-from nmi.errors import UpstreamUnavailable
+from podidentity.errors import UpstreamUnavailable
 
 
 class _Slot:

@@ -57,9 +57,7 @@ from typing import Any, TypeVar
 
 import msal
 
-from nmi.errors import BadRequest, NmiError, UpstreamRefused, UpstreamUnavailable
-from nmi.metrics import OP_AAD, Metrics
-from nmi.model import AzureIdentity, IdentityType, ObjectKey, Secret
+from nmi.metrics import Metrics
 from nmi.tokens.aad_answers import Throttled, failure, interpret, to_token
 from nmi.tokens.aad_http import HttpClient, NoStore, Reply, make_session
 from nmi.tokens.credentials import (
@@ -71,7 +69,10 @@ from nmi.tokens.credentials import (
     load_credential,
     sign_client_assertion,
 )
-from nmi.tokens.model import Token, TokenRequest
+from podidentity.errors import BadRequest, ServiceError, UpstreamRefused, UpstreamUnavailable
+from podidentity.imds.metrics import OP_AAD
+from podidentity.model import AzureIdentity, IdentityType, ObjectKey, Secret
+from podidentity.tokens import Token, TokenRequest
 
 log = logging.getLogger(__name__)
 
@@ -289,7 +290,7 @@ class MsalTokenSource:
         except asyncio.CancelledError:
             self._raise_if_shut_down()
             raise
-        except NmiError:
+        except ServiceError:
             raise
         except CredentialError as exc:
             raise UpstreamUnavailable(str(exc)) from None

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from nmi.model import AzureIdentity, SecretRef
-from nmi.tokens.model import Token, TokenRequest
+from podidentity.model import AzureIdentity, SecretRef
+from podidentity.tokens import Token, TokenRequest
 
 NODE_KIND = "node"
 IDENTITY_KIND = "identity"

@@ -54,8 +54,8 @@ def test_bad_values_are_rejected() -> None:
 
 
 def test_host_network_interception_needs_an_exemption() -> None:
-    from nmi.errors import ConfigError
     from nmi.interception import host_network
+    from podidentity.errors import ConfigError
 
     assert host_network(parse(["--node=n"])) is None
     with pytest.raises(ConfigError, match="needs NMI exempted"):

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from nmi.cluster_file import ClusterStateFile, load, parse_documents
-from nmi.errors import ConfigError
-from nmi.model import AzureIdentity, IdentityType, Pod, Secret
-from nmi.state import ClusterState
+from podidentity.errors import ConfigError
+from podidentity.model import AzureIdentity, IdentityType, Pod, Secret
+from podidentity.state import ClusterState
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "cluster-state.yaml"
 

@@ -2,11 +2,11 @@ from __future__ import annotations
 
 import pytest
 
-from nmi.model import ObjectKey, Pod, parse_object
 from nmi.resolver import Deny, Grant, Learn, PassThrough, Pending, Refusal, resolve
 from nmi.selectors import IdentityQuery
 from nmi.settings import IdentitySettings
-from nmi.state import ClusterState
+from podidentity.model import ObjectKey, Pod, parse_object
+from podidentity.state import ClusterState
 from tests.core.builders import assigned, binding, exception, identity, pod
 
 ID_A = identity("id-a", "AAAA1111-0000-0000-0000-000000000001", resource_id="/subscriptions/s/rg/A")

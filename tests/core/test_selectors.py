@@ -4,9 +4,9 @@ import itertools
 
 import pytest
 
-from nmi.errors import BadRequest
 from nmi.routing import Route, classify
 from nmi.selectors import SELECTOR_KEYS, IdentityQuery, parse_token_query
+from podidentity.errors import BadRequest
 
 CID = "6F1C3E2A-52B4-4D0E-9A57-2B7C0D1E4F10"
 RID = "/subscriptions/S/resourceGroups/RG/providers/Microsoft.ManagedIdentity/userAssignedIdentities/Web"

@@ -6,12 +6,12 @@ import time
 from prometheus_client import CollectorRegistry
 
 from nmi.metrics import Metrics
-from nmi.model import IdentityType, ObjectKey, Pod, parse_object
 from nmi.settings import Settings
-from nmi.state import ClusterState
 from nmi.tokens.cache import TokenCache
-from nmi.tokens.model import Token, TokenRequest
 from nmi.warmup import WarmStart
+from podidentity.model import IdentityType, ObjectKey, Pod, parse_object
+from podidentity.state import ClusterState
+from podidentity.tokens import Token, TokenRequest
 from tests.core.builders import assigned, identity, pod
 
 IDENT = identity("id-a", "aaaa")

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import uvloop
 
-from nmi.http import Handler, HttpServer
+from podidentity.http import Handler, HttpServer
 from tests.http.helpers import Recorder, ServerFactory, settings
 
 

@@ -8,8 +8,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
-from nmi.http import HttpServer, Request, Response
-from nmi.settings import ServerSettings
+from podidentity.http import HttpServer, Request, Response
+from podidentity.http.settings import ServerSettings
 
 # Short enough to keep the suite fast, long enough to be robust on a loaded 2-core machine.
 FAST = ServerSettings(

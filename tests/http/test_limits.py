@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from nmi.http import Request, Response
+from podidentity.http import Request, Response
 from tests.http.helpers import Recorder, ServerFactory, close, connect, ok, read_eof, read_response
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from nmi.http import Request, Response
-from nmi.http._state import ServerState
-from nmi.http.handler import Handler
-from nmi.http.protocol import HttpProtocol
+from podidentity.http import Request, Response
+from podidentity.http._state import ServerState
+from podidentity.http.handler import Handler
+from podidentity.http.protocol import HttpProtocol
 from tests.http.helpers import GET, settings
 
 DEFAULTS = b"server: nmi\r\ndate: Thu, 01 Jan 1970 00:00:00 GMT\r\n"

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from nmi.http import STATUS_LINES, Response, imds_error, json_response, text_response
-from nmi.http.response import default_headers, render
+from podidentity.http import STATUS_LINES, Response, imds_error, json_response, text_response
+from podidentity.http.response import default_headers, render
 
 DEFAULTS = b"server: nmi\r\ndate: Thu, 01 Jan 1970 00:00:00 GMT\r\n"
 

@@ -7,7 +7,7 @@ import json
 import socket
 from collections.abc import Awaitable
 
-from nmi.http import HttpServer, Request, Response, json_response
+from podidentity.http import HttpServer, Request, Response, json_response
 from tests.http.helpers import GET, Recorder, ServerFactory, close, connect, ok, read_eof, read_response
 
 
@@ -279,7 +279,7 @@ async def test_connections_above_the_cap_get_503(make_server: ServerFactory, rec
 
 
 async def test_server_binds_an_existing_socket() -> None:
-    from nmi.settings import ServerSettings
+    from podidentity.http.settings import ServerSettings
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))

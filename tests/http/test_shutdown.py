@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from nmi.http import HttpServer, Request, Response
+from podidentity.http import HttpServer, Request, Response
 from tests.http.helpers import GET, ServerFactory, close, connect, ok, read_eof, read_response, settings
 
 

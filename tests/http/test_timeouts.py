@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import json
 
-from nmi.http import Request, Response
+from podidentity.http import Request, Response
 from tests.http.helpers import GET, Recorder, ServerFactory, close, connect, ok, read_eof, read_response
 
 SHORT = 0.2

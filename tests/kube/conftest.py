@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,10 +12,11 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from nmi.kube import KubeSettings, KubeSource
 from nmi.metrics import Metrics
 from nmi.settings import ClusterSettings, IdentitySettings, Settings
-from nmi.state import ClusterState
+from nmi.watches import KubeSource
+from podidentity.kube.settings import KubeSettings
+from podidentity.state import ClusterState
 from standins.apiserver import FakeApiServer
 
 NODE = "node-a"
@@ -22,6 +24,7 @@ TOKEN = "s3cret-token"
 
 # Small timeouts so fault tests finish in well under a second each.
 FAST = KubeSettings(
+    user_agent="nmi/test",
     qps=0,
     connect_timeout_s=1.0,
     request_timeout_s=2.0,
@@ -88,9 +91,8 @@ async def make_cache(apiserver: FakeApiServer, kubeconfig: Path) -> AsyncIterato
     ) -> Cache:
         state = ClusterState()
         metrics = Metrics(CollectorRegistry())
-        source = KubeSource(
-            make_settings(kubeconfig, mode=mode, scale=scale), state, metrics, kube=kube, **kwargs
-        )
+        settings = dataclasses.replace(make_settings(kubeconfig, mode=mode, scale=scale), kube=kube)
+        source = KubeSource(settings, state, metrics, **kwargs)
         await source.start()
         started.append(source)
         if wait:

@@ -13,15 +13,15 @@ import trustme
 import yaml
 from prometheus_client import CollectorRegistry
 
-from nmi.errors import ConfigError
-from nmi.kube import KubeSource
-from nmi.kube.client import KubeClient, RateLimiter
-from nmi.kube.config import load_connection
-from nmi.kube.errors import KubeApiError, KubeUnavailable
 from nmi.metrics import Metrics
-from nmi.model import Pod
 from nmi.settings import ClusterSettings, Settings
-from nmi.state import ClusterState
+from nmi.watches import KubeSource
+from podidentity.errors import ConfigError
+from podidentity.kube.client import KubeClient, RateLimiter
+from podidentity.kube.config import load_connection
+from podidentity.kube.errors import KubeApiError, KubeUnavailable
+from podidentity.model import Pod
+from podidentity.state import ClusterState
 from standins.apiserver import FakeApiServer, pod
 
 from .conftest import FAST, TOKEN, CacheFactory, until

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from nmi.model import parse_object
+from podidentity.model import parse_object
 from standins.apiserver import assigned_identity, azure_identity, binding, exception
 
 CRDS = Path(__file__).resolve().parents[2] / "deploy" / "crds.yaml"

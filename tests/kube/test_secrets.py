@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from nmi.kube.client import KubeClient
-from nmi.kube.config import load_connection
-from nmi.kube.errors import KubeApiError, KubeUnavailable
-from nmi.kube.secrets import SecretReader
 from nmi.metrics import Metrics
+from nmi.secrets import SecretReader
+from podidentity.kube.client import KubeClient
+from podidentity.kube.config import load_connection
+from podidentity.kube.errors import KubeApiError, KubeUnavailable
 from standins.apiserver import FakeApiServer, secret
 
 from .conftest import FAST, CacheFactory

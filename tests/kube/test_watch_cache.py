@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from nmi.model import (
+from podidentity.model import (
     AzureAssignedIdentity,
     AzureIdentity,
     AzureIdentityBinding,
@@ -10,7 +10,7 @@ from nmi.model import (
     ObjectKey,
     Pod,
 )
-from nmi.state import ClusterState
+from podidentity.state import ClusterState
 from standins.apiserver import FakeApiServer, assigned_identity, azure_identity, binding, exception, pod
 
 from .conftest import NODE, CacheFactory, until

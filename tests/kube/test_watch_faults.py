@@ -6,8 +6,8 @@ import itertools
 
 import pytest
 
-from nmi.kube.watching import Backoff
-from nmi.model import ObjectKey, Pod
+from podidentity.kube.watching import Backoff
+from podidentity.model import ObjectKey, Pod
 from standins.apiserver import FakeApiServer, azure_identity, pod
 
 from .conftest import FAST, CacheFactory, until, until_health

@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from mic.app import App
 from mic.settings import ArmSettings, AzureConfig, MicSettings, ReconcileSettings
-from nmi.kube import KubeSettings
+from podidentity.kube.settings import KubeSettings
 from standins import apiserver as k8s
 from standins.apiserver import FakeApiServer
 from standins.arm import VM, VMSS, ArmStandIn

@@ -7,12 +7,13 @@ import dataclasses
 from mic.armbody import identity_patches
 from mic.desired import Assignment, desired_assignments, render
 from mic.diff import diff, plan_work
-from mic.model import FINALIZER, ArmTarget, Node, parse_provider_id, target_of
-from nmi.model import (
+from mic.model import FINALIZER, ArmTarget, parse_provider_id, target_of
+from podidentity.model import (
     AzureAssignedIdentity,
     AzureIdentity,
     AzureIdentityBinding,
     IdentityType,
+    Node,
     ObjectKey,
     Pod,
     parse_assigned_identity,

@@ -71,6 +71,18 @@ async def test_assigns_on_vmss_and_vm_only_after_arm_confirms(env: Env) -> None:
     async with aiohttp.ClientSession() as http:
         async with http.get(f"http://127.0.0.1:{app.probe_port}/healthz") as resp:
             assert (resp.status, await resp.text()) == (200, "Active")
+        async with http.get(f"http://127.0.0.1:{app.probe_port}/healthz?verbose") as resp:
+            detail = await resp.json()
+            assert resp.status == 200 and detail["healthy"] is True
+            assert set(detail["watches"]) == {
+                "pods",
+                "azureidentities",
+                "azureidentitybindings",
+                "azureassignedidentities",
+                "nodes",
+            }
+        async with http.get(f"http://127.0.0.1:{app.probe_port}/metrics") as resp:
+            assert resp.status == 404
         async with http.get(f"http://127.0.0.1:{app.metrics_port}/metrics") as resp:
             text = await resp.text()
     assert "aadpodidentity_assigned_identity_addition_count_total 2.0" in text

@@ -41,8 +41,8 @@ async def test_pod_token_waits_for_mic_then_is_served(env: Env) -> None:
             ),
             cluster=ClusterSettings(node_name="aks-pool-0", kubeconfig=str(env.kubeconfig)),
             iptables=IptablesSettings(manage=False),
+            kube=FAST_KUBE,
         ),
-        kube_settings=FAST_KUBE,
     )
     await nmi.start()
     try:

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from nmi.http import HttpServer, Request, Response
-from nmi.settings import ServerSettings
+from podidentity.http import HttpServer, Request, Response
+from podidentity.http.settings import ServerSettings
 from tests.core import builders as b
 from tests.nmi.conftest import base_docs, token_path
 

@@ -11,8 +11,6 @@ from typing import Any
 import pytest
 
 from nmi.app import App
-from nmi.kube.settings import KubeSettings
-from nmi.model import AzureAssignedIdentity
 from nmi.settings import (
     ClusterSettings,
     IdentitySettings,
@@ -22,6 +20,8 @@ from nmi.settings import (
     Settings,
     UpstreamSettings,
 )
+from podidentity.kube.settings import KubeSettings
+from podidentity.model import AzureAssignedIdentity
 from standins import apiserver as k8s
 from standins.apiserver import FakeApiServer
 from standins.imds import ImdsStandIn
@@ -87,8 +87,9 @@ async def cluster_factory(tmp_path: Path) -> AsyncIterator[Any]:
             ),
             cluster=ClusterSettings(node_name=NODE, kubeconfig=str(kubeconfig), watch_broken_threshold_s=0.5),
             iptables=IptablesSettings(manage=False),
+            kube=FAST,
         )
-        app = App(settings, kube_settings=FAST)
+        app = App(settings)
         cluster = Cluster(api, imds, app)
         made.append(cluster)
         await app.start()

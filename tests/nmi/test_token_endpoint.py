@@ -341,8 +341,8 @@ async def test_health_and_metrics(make_node) -> None:
 
 
 def test_error_bodies_are_json() -> None:
-    from nmi.errors import UpstreamUnavailable
     from nmi.handlers import error_response
+    from podidentity.errors import UpstreamUnavailable
 
     response = error_response(UpstreamUnavailable("down", retry_after=5))
     assert json.loads(response.body) == {"error": "service_unavailable", "error_description": "down"}
@@ -366,7 +366,7 @@ async def test_two_live_pods_on_one_address_are_refused_not_guessed(make_node) -
 
 
 async def test_probe_reports_unavailable_until_started() -> None:
-    from nmi.probes import Check, Probes
+    from podidentity.probes import Check, Probes
 
     state = {"up": False}
     probes = Probes(

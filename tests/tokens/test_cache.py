@@ -18,12 +18,12 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from nmi.errors import UpstreamRefused, UpstreamUnavailable
 from nmi.metrics import Metrics
-from nmi.model import AzureIdentity, IdentityType, ObjectKey
 from nmi.settings import TokenCacheSettings
 from nmi.tokens.cache import FAILURE_HOLDOFF_S, FETCH_TIMEOUT_S, RECENT_PER_IDENTITY, TokenCache
-from nmi.tokens.model import Token, TokenRequest
+from podidentity.errors import UpstreamRefused, UpstreamUnavailable
+from podidentity.model import AzureIdentity, IdentityType, ObjectKey
+from podidentity.tokens import Token, TokenRequest
 
 EPOCH = 1_700_000_000.0
 GUARD_S = 100_000.0

@@ -14,7 +14,6 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import NameOID
 
-from nmi.model import AzureIdentity, IdentityType, Secret, SecretRef
 from nmi.tokens.credentials import (
     CertificateCredential,
     ClientSecretCredential,
@@ -25,6 +24,7 @@ from nmi.tokens.credentials import (
     load_credential,
     sign_client_assertion,
 )
+from podidentity.model import AzureIdentity, IdentityType, Secret, SecretRef
 from standins.aad import ClientCertificate, issue_client_certificate
 
 SECRET_VALUE = "Sup3r~Secret.Value_123"

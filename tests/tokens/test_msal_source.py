@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from nmi.errors import BadRequest, UpstreamRefused, UpstreamUnavailable
 from nmi.metrics import Metrics
-from nmi.model import AzureIdentity, IdentityType, Secret, SecretRef
-from nmi.tokens.model import TokenRequest
 from nmi.tokens.msal_source import MsalTokenSource, resource_to_scope
+from podidentity.errors import BadRequest, UpstreamRefused, UpstreamUnavailable
+from podidentity.model import AzureIdentity, IdentityType, Secret, SecretRef
+from podidentity.tokens import TokenRequest
 from standins.aad import AadStandin, ClientCertificate, issue_client_certificate
 
 TENANT = "72f988bf-86f1-41af-91ab-2d7cd011db47"

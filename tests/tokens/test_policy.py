@@ -7,9 +7,9 @@ import random
 
 import pytest
 
-from nmi.model import AzureIdentity, IdentityType, SecretRef
-from nmi.tokens.model import Token, TokenRequest
 from nmi.tokens.policy import CacheKey, cache_key, refresh_at, servable
+from podidentity.model import AzureIdentity, IdentityType, SecretRef
+from podidentity.tokens import Token, TokenRequest
 
 T0 = 1_700_000_000.0
 

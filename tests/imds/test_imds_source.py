@@ -11,13 +11,13 @@ import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
 
-from nmi.errors import UpstreamRefused, UpstreamUnavailable
-from nmi.metrics import Metrics
-from nmi.model import AzureIdentity, IdentityType
-from nmi.settings import UpstreamSettings
-from nmi.tokens.imds_source import ImdsTokenSource, parse_token
-from nmi.tokens.limiter import UpstreamLimiter
-from nmi.tokens.model import TokenRequest
+from podidentity.errors import UpstreamRefused, UpstreamUnavailable
+from podidentity.imds.limiter import UpstreamLimiter
+from podidentity.imds.metrics import UpstreamMetrics
+from podidentity.imds.settings import UpstreamSettings
+from podidentity.imds.source import ImdsTokenSource, parse_token
+from podidentity.model import AzureIdentity, IdentityType
+from podidentity.tokens import TokenRequest
 from standins.imds import ImdsStandIn
 
 pytestmark = pytest.mark.timeout(20)
@@ -36,7 +36,7 @@ class Rig:
     def __init__(self, imds: ImdsStandIn, session: aiohttp.ClientSession, **settings: object) -> None:
         self.imds = imds
         self.registry = CollectorRegistry()
-        self.metrics = Metrics(self.registry)
+        self.metrics = UpstreamMetrics(self.registry)
         self.settings = UpstreamSettings(
             metadata_ip="127.0.0.1",
             metadata_port=imds.port,
@@ -210,7 +210,7 @@ async def test_unreachable_upstream_is_unavailable_without_address(session) -> N
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     settings = UpstreamSettings(metadata_ip="127.0.0.1", metadata_port=port, retry_backoff_s=(0.01,))
-    metrics = Metrics(CollectorRegistry())
+    metrics = UpstreamMetrics(CollectorRegistry())
     source = ImdsTokenSource(settings, session, UpstreamLimiter(5, 0), metrics, user_agent=UA)
     deadline = asyncio.get_running_loop().time() + 2
     with pytest.raises(UpstreamUnavailable) as caught:
@@ -283,7 +283,7 @@ def test_parse_token_accepts_imds_variants(body: bytes, expires_on: float) -> No
     "body", [b"not json", b"[]", b'{"expires_in":"60"}', b'{"access_token":"t"}', b'{"access_token":7}']
 )
 def test_parse_token_rejects_bodies_without_a_usable_token(body: bytes) -> None:
-    from nmi.tokens.imds_source import _BadBody
+    from podidentity.imds.source import _BadBody
 
     with pytest.raises(_BadBody):
         parse_token(body, now=NOW, resource=VAULT, client_id=CID)

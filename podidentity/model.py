@@ -1,4 +1,5 @@
-"""Plain typed views of the Kubernetes objects NMI reads, parsed from their API shape.
+"""Plain typed views of the Kubernetes objects both daemons read, parsed from their API shape, and
+the one registry of those kinds (``KINDS``): view class, parser and API path, written once.
 
 Everything past this module sees these frozen objects, never raw dicts or client models. Parsing
 is strict about what the code relies on and says which object and field is wrong.
@@ -7,13 +8,13 @@ is strict about what the code relies on and says which object and field is wrong
 from __future__ import annotations
 
 import base64
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from enum import IntEnum
 from typing import Any
 
-from nmi.errors import ConfigError
+from podidentity.errors import ConfigError
 
 GROUP_VERSION = "aadpodidentity.k8s.io/v1"
 BINDING_LABEL = "aadpodidbinding"
@@ -161,18 +162,27 @@ class Secret:
         return ObjectKey(self.namespace, self.name)
 
 
-KubeObject = (
-    Pod | AzureIdentity | AzureIdentityBinding | AzureAssignedIdentity | AzurePodIdentityException | Secret
-)
+@dataclass(frozen=True, slots=True)
+class Node:
+    name: str
+    provider_id: str = ""
+    resource_version: str = ""
 
-KINDS: dict[str, type[KubeObject]] = {
-    "Pod": Pod,
-    "AzureIdentity": AzureIdentity,
-    "AzureIdentityBinding": AzureIdentityBinding,
-    "AzureAssignedIdentity": AzureAssignedIdentity,
-    "AzurePodIdentityException": AzurePodIdentityException,
-    "Secret": Secret,
-}
+    @property
+    def key(self) -> ObjectKey:
+        # Nodes are cluster-scoped; the watch layer files objects without a namespace under "default".
+        return ObjectKey("default", self.name)
+
+
+KubeObject = (
+    Pod
+    | AzureIdentity
+    | AzureIdentityBinding
+    | AzureAssignedIdentity
+    | AzurePodIdentityException
+    | Secret
+    | Node
+)
 
 
 def _where(obj: Mapping[str, Any]) -> str:
@@ -365,26 +375,78 @@ def parse_secret(obj: Mapping[str, Any]) -> Secret:
     )
 
 
-PARSERS: dict[str, Any] = {
-    "Pod": parse_pod,
-    "AzureIdentity": parse_identity,
-    "AzureIdentityBinding": parse_binding,
-    "AzureAssignedIdentity": parse_assigned_identity,
-    "AzurePodIdentityException": parse_exception,
-    "Secret": parse_secret,
-}
+def parse_node(obj: Mapping[str, Any]) -> Node:
+    meta = obj.get("metadata")
+    if not isinstance(meta, Mapping) or not isinstance(meta.get("name"), str) or not meta["name"]:
+        raise ConfigError("Node: metadata.name is required")
+    spec = obj.get("spec") or {}
+    provider_id = spec.get("providerID", "") if isinstance(spec, Mapping) else ""
+    if not isinstance(provider_id, str):
+        raise ConfigError(f"Node {meta['name']}: spec.providerID must be a string")
+    rv = meta.get("resourceVersion", "")
+    return Node(
+        name=meta["name"], provider_id=provider_id, resource_version=rv if isinstance(rv, str) else ""
+    )
+
+
+CRD_PATH = "/apis/aadpodidentity.k8s.io/v1/"
+CORE_PATH = "/api/v1/"
+
+
+@dataclass(frozen=True, slots=True)
+class Kind:
+    """One kind both daemons know: its view class, parser and API collection."""
+
+    name: str
+    cls: type[KubeObject]
+    parse: Callable[[Mapping[str, Any]], KubeObject]
+    plural: str
+    api_prefix: str
+
+    @property
+    def path(self) -> str:
+        """The all-namespaces collection path, e.g. ``/api/v1/pods``."""
+        return self.api_prefix + self.plural
+
+    @property
+    def custom(self) -> bool:
+        return self.api_prefix == CRD_PATH
+
+
+KINDS: tuple[Kind, ...] = (
+    Kind("Pod", Pod, parse_pod, "pods", CORE_PATH),
+    Kind("AzureIdentity", AzureIdentity, parse_identity, "azureidentities", CRD_PATH),
+    Kind("AzureIdentityBinding", AzureIdentityBinding, parse_binding, "azureidentitybindings", CRD_PATH),
+    Kind(
+        "AzureAssignedIdentity",
+        AzureAssignedIdentity,
+        parse_assigned_identity,
+        "azureassignedidentities",
+        CRD_PATH,
+    ),
+    Kind(
+        "AzurePodIdentityException",
+        AzurePodIdentityException,
+        parse_exception,
+        "azurepodidentityexceptions",
+        CRD_PATH,
+    ),
+    Kind("Secret", Secret, parse_secret, "secrets", CORE_PATH),
+    Kind("Node", Node, parse_node, "nodes", CORE_PATH),
+)
+KIND_NAMED: dict[str, Kind] = {k.name: k for k in KINDS}
+KIND_OF: dict[type[Any], Kind] = {k.cls: k for k in KINDS}
 
 
 def parse_object(obj: Mapping[str, Any]) -> KubeObject:
     """Parse one object in its Kubernetes shape; ``ConfigError`` names what is wrong."""
     if not isinstance(obj, Mapping):
         raise ConfigError(f"expected an object, got {type(obj).__name__}")
-    kind = obj.get("kind")
-    parser = PARSERS.get(kind) if isinstance(kind, str) else None
-    if parser is None:
-        raise ConfigError(f"{_where(obj)}: unsupported kind {kind!r}")
+    name = obj.get("kind")
+    kind = KIND_NAMED.get(name) if isinstance(name, str) else None
+    if kind is None:
+        raise ConfigError(f"{_where(obj)}: unsupported kind {name!r}")
     api_version = obj.get("apiVersion")
-    if kind not in ("Pod", "Secret") and api_version not in (None, GROUP_VERSION):
+    if kind.custom and api_version not in (None, GROUP_VERSION):
         raise ConfigError(f"{_where(obj)}: apiVersion must be {GROUP_VERSION}")
-    result: KubeObject = parser(obj)
-    return result
+    return kind.parse(obj)

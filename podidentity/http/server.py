@@ -9,11 +9,11 @@ import socket
 import time
 from typing import Final
 
-from nmi.http._state import ServerState
-from nmi.http.handler import Handler, RejectHook, ResponseHook
-from nmi.http.protocol import HttpProtocol
-from nmi.http.response import default_headers
-from nmi.settings import ServerSettings
+from podidentity.http._state import ServerState
+from podidentity.http.handler import Handler, RejectHook, ResponseHook
+from podidentity.http.protocol import HttpProtocol
+from podidentity.http.response import default_headers
+from podidentity.http.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from nmi.errors import UpstreamUnavailable
+from podidentity.errors import UpstreamUnavailable
 
 
 class SlotTimeout(UpstreamUnavailable):

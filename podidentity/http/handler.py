@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import TypeAlias
 
-from nmi.http.request import Request
-from nmi.http.response import Response
+from podidentity.http.request import Request
+from podidentity.http.response import Response
 
 Handler: TypeAlias = Callable[[Request], Response | Awaitable[Response]]
 """Return a ``Response`` to answer at once, or an awaitable when the answer needs I/O."""

@@ -24,11 +24,11 @@ from typing import Any, Protocol
 
 import yaml
 
-from nmi.errors import ConfigError
-from nmi.kube.errors import KubeUnavailable
-from nmi.kube.settings import KubeSettings
+from podidentity.errors import ConfigError
+from podidentity.kube.errors import KubeUnavailable
+from podidentity.kube.settings import KubeSettings
 
-log = logging.getLogger("nmi.kube")
+log = logging.getLogger("podidentity.kube")
 
 IN_CLUSTER_TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 IN_CLUSTER_CA_PATH = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"

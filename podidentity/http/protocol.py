@@ -29,9 +29,9 @@ from typing import Final, cast
 
 import httptools
 
-from nmi.http._state import ServerState
-from nmi.http.request import Request
-from nmi.http.response import (
+from podidentity.http._state import ServerState
+from podidentity.http.request import Request
+from podidentity.http.response import (
     BAD_REQUEST,
     BODY_TOO_LARGE,
     HEADERS_TOO_LARGE,

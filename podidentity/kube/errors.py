@@ -6,7 +6,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-log = logging.getLogger("nmi.kube")
+log = logging.getLogger("podidentity.kube")
 
 
 # --- errors ---------------------------------------------------------------------------------

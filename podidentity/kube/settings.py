@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nmi import __version__
+from podidentity import __version__
 
 MiB = 1024 * 1024
 
@@ -37,4 +37,5 @@ class KubeSettings:
     secret_max_stale_s: float = 300.0
     """If the API server fails, a cached secret younger than this is still served."""
     secret_cache_entries: int = 256
-    user_agent: str = f"nmi/{__version__}"
+    user_agent: str = f"aad-pod-identity/{__version__}"
+    """Each daemon names itself (``nmi/…``, ``aad-pod-identity/MIC/…``)."""

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from nmi.http.request import Request
-from nmi.http.response import Response
+from podidentity.http.request import Request
+from podidentity.http.response import Response
 
 JSON = ((b"content-type", b"application/json; charset=utf-8"),)
 NOT_FOUND = Response(404, b'{"error":"not_found","error_description":"not found"}', JSON)

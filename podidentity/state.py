@@ -1,7 +1,8 @@
-"""The in-memory cluster state NMI answers from, with O(1) indexes and change notification.
+"""The in-memory cluster state both daemons read, with O(1) indexes and change notification.
 
-Sources (the ``--cluster-state`` file, the Kubernetes watch caches) write through ``apply`` /
-``remove`` / ``replace``; readers are the request path. Everything runs on the event loop, so
+It holds every kind of the registry (``podidentity.model.KINDS``). Sources (NMI's
+``--cluster-state`` file, the watch caches) write through ``apply`` / ``remove`` / ``replace``;
+readers are NMI's request path and MIC's reconciler. Everything runs on the event loop, so
 there are no locks: each mutation is complete before any reader runs.
 
 Waiters (the pod-start race) call ``wait_for_change``; every mutation wakes them, so they
@@ -13,42 +14,30 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 from collections.abc import Iterable
-from typing import Any, TypeVar
+from typing import TypeVar
 
-from nmi.model import (
+from podidentity.model import (
+    KIND_OF,
+    KINDS,
     AzureAssignedIdentity,
-    AzureIdentity,
     AzureIdentityBinding,
-    AzurePodIdentityException,
     KubeObject,
     ObjectKey,
     Pod,
-    Secret,
 )
 
 T = TypeVar("T", bound=KubeObject)
-
-KIND_OF: dict[type[Any], str] = {
-    Pod: "Pod",
-    AzureIdentity: "AzureIdentity",
-    AzureIdentityBinding: "AzureIdentityBinding",
-    AzureAssignedIdentity: "AzureAssignedIdentity",
-    AzurePodIdentityException: "AzurePodIdentityException",
-    Secret: "Secret",
-}
 
 
 class ClusterState:
     """Objects by kind and key, plus the indexes the request path needs."""
 
     def __init__(self) -> None:
-        self._objects: dict[str, dict[ObjectKey, KubeObject]] = {k: {} for k in KIND_OF.values()}
+        self._objects: dict[str, dict[ObjectKey, KubeObject]] = {k.name: {} for k in KINDS}
         self._pods_by_ip: dict[str, set[ObjectKey]] = defaultdict(set)
         self._aais_by_pod: dict[ObjectKey, set[ObjectKey]] = defaultdict(set)
         self._bindings_by_selector: dict[str, set[ObjectKey]] = defaultdict(set)
-        self._by_namespace: dict[str, dict[str, set[ObjectKey]]] = {
-            k: defaultdict(set) for k in KIND_OF.values()
-        }
+        self._by_namespace: dict[str, dict[str, set[ObjectKey]]] = {k.name: defaultdict(set) for k in KINDS}
         self._changed = asyncio.Event()
         self._synced: dict[str, bool] = {}
         self.version = 0
@@ -92,7 +81,7 @@ class ClusterState:
         self._notify()
 
     def _put(self, obj: KubeObject) -> None:
-        kind = KIND_OF[type(obj)]
+        kind = KIND_OF[type(obj)].name
         key = obj.key
         if key in self._objects[kind]:
             self._drop(kind, key)
@@ -134,16 +123,16 @@ class ClusterState:
         return [pods[k] for k in keys]  # type: ignore[misc]
 
     def get(self, cls: type[T], key: ObjectKey) -> T | None:
-        obj = self._objects[KIND_OF[cls]].get(key)
+        obj = self._objects[KIND_OF[cls].name].get(key)
         return obj  # type: ignore[return-value]
 
     def in_namespace(self, cls: type[T], namespace: str) -> list[T]:
-        kind = KIND_OF[cls]
+        kind = KIND_OF[cls].name
         objects = self._objects[kind]
         return [objects[k] for k in self._by_namespace[kind].get(namespace, ())]  # type: ignore[misc]
 
     def all(self, cls: type[T]) -> list[T]:
-        return list(self._objects[KIND_OF[cls]].values())  # type: ignore[arg-type]
+        return list(self._objects[KIND_OF[cls].name].values())  # type: ignore[arg-type]
 
     def assigned_identities(self, pod: ObjectKey) -> list[AzureAssignedIdentity]:
         objects = self._objects["AzureAssignedIdentity"]
@@ -158,7 +147,7 @@ class ClusterState:
         return [objects[k] for k in keys]  # type: ignore[misc]
 
     def count(self, cls: type[KubeObject]) -> int:
-        return len(self._objects[KIND_OF[cls]])
+        return len(self._objects[KIND_OF[cls].name])
 
     async def wait_for_change(self, timeout: float) -> bool:
         """Wait until the next mutation or ``timeout`` seconds; True if something changed."""

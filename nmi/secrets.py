@@ -17,12 +17,12 @@ from collections import OrderedDict
 from collections.abc import Callable
 from urllib.parse import quote
 
-from nmi.errors import ConfigError
-from nmi.kube.client import KubeClient
-from nmi.kube.errors import KubeApiError, KubeError, KubeUnavailable
-from nmi.kube.settings import KubeSettings
 from nmi.metrics import Metrics
-from nmi.model import ObjectKey, Secret, parse_secret
+from podidentity.errors import ConfigError
+from podidentity.kube.client import KubeClient
+from podidentity.kube.errors import KubeApiError, KubeError, KubeUnavailable
+from podidentity.kube.settings import KubeSettings
+from podidentity.model import ObjectKey, Secret, parse_secret
 
 log = logging.getLogger("nmi.kube")
 

@@ -28,13 +28,19 @@ from typing import Any, Protocol
 
 from prometheus_client import Counter
 
-from nmi.kube.client import KubeClient
-from nmi.kube.errors import KubeApiError, KubeError, KubeUnavailable, WatchStalled, api_error_from_status
-from nmi.kube.health import WatchHealth
-from nmi.kube.settings import KubeSettings
-from nmi.model import KubeObject, ObjectKey, parse_object
+from podidentity.kube.client import KubeClient
+from podidentity.kube.errors import (
+    KubeApiError,
+    KubeError,
+    KubeUnavailable,
+    WatchStalled,
+    api_error_from_status,
+)
+from podidentity.kube.health import WatchHealth
+from podidentity.kube.settings import KubeSettings
+from podidentity.model import Kind, KubeObject, ObjectKey, parse_object
 
-log = logging.getLogger("nmi.kube")
+log = logging.getLogger("podidentity.kube")
 
 RETRY_AFTER_CAP_S = 120.0
 """A server's Retry-After is honoured even past our own backoff ceiling, up to this."""
@@ -45,14 +51,20 @@ every watch at once cannot make us spin."""
 
 @dataclass(frozen=True, slots=True)
 class Resource:
-    name: str
-    """Plural, e.g. ``pods``; names the task, the health entry and the state source."""
-    kind: str
-    """Kind given to list items, which the API sends without one."""
-    path: str
-    """All-namespaces collection path, e.g. ``/api/v1/pods``."""
+    """One watch: a kind of the registry, narrowed by selectors."""
+
+    kind: Kind
     label_selector: str = ""
     field_selector: str = ""
+
+    @property
+    def name(self) -> str:
+        """Plural, e.g. ``pods``; names the task, the health entry and the state source."""
+        return self.kind.plural
+
+    @property
+    def path(self) -> str:
+        return self.kind.path
 
     def selectors(self) -> dict[str, str]:
         params: dict[str, str] = {}
@@ -71,10 +83,9 @@ class WatchMetrics(Protocol):
 
 
 class Sink(Protocol):
-    # Objects are whatever the watcher's ``parse`` makes: ``KubeObject`` with the default parser.
-    def replace(self, objects: list[Any]) -> None: ...
+    def replace(self, objects: list[KubeObject]) -> None: ...
 
-    def apply(self, obj: Any) -> None: ...
+    def apply(self, obj: KubeObject) -> None: ...
 
     def remove(self, key: ObjectKey) -> None: ...
 
@@ -141,10 +152,8 @@ class Watcher:
         health: WatchHealth,
         rng: Callable[[], float] = random.random,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,  # tests may record waits
-        parse: Callable[[dict[str, Any]], Any] = parse_object,  # other kinds (MIC's nodes) bring their own
     ) -> None:
         self._client = client
-        self._parse_raw = parse
         self._resource = resource
         self._sink = sink
         self._settings = settings
@@ -288,9 +297,9 @@ class Watcher:
             log.warning("watch %s: skipping a non-object item", self._resource.name)
             return None
         # List items come without kind; watch objects have it. Either way it is this resource's.
-        raw.setdefault("kind", self._resource.kind)
+        raw.setdefault("kind", self._resource.kind.name)
         try:
-            parsed: KubeObject = self._parse_raw(raw)
+            parsed: KubeObject = parse_object(raw)
             return parsed
         except Exception as exc:
             # Any shape error (ConfigError, or a TypeError from a type we did not foresee) must

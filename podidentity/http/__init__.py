@@ -3,10 +3,10 @@
 See docs/server-behavior.md for the contract.
 """
 
-from nmi.http.handler import Handler, RejectHook, ResponseHook
-from nmi.http.request import Request
-from nmi.http.response import STATUS_LINES, Response, imds_error, json_response, text_response
-from nmi.http.server import HttpServer
+from podidentity.http.handler import Handler, RejectHook, ResponseHook
+from podidentity.http.request import Request
+from podidentity.http.response import STATUS_LINES, Response, imds_error, json_response, text_response
+from podidentity.http.server import HttpServer
 
 __all__ = [
     "STATUS_LINES",

@@ -7,7 +7,7 @@ Every error a token request can end with is one of these; the HTTP layer renders
 from __future__ import annotations
 
 
-class NmiError(Exception):
+class ServiceError(Exception):
     """An error with a fixed HTTP mapping."""
 
     status: int = 500
@@ -19,26 +19,26 @@ class NmiError(Exception):
         self.retry_after = retry_after
 
 
-class BadRequest(NmiError):
+class BadRequest(ServiceError):
     status = 400
     error = "invalid_request"
 
 
-class Forbidden(NmiError):
+class Forbidden(ServiceError):
     """The caller may not have what it asked for (e.g. a blocked path)."""
 
     status = 403
     error = "forbidden"
 
 
-class IdentityNotFound(NmiError):
+class IdentityNotFound(ServiceError):
     """No identity the caller may use matches the request (nmi-spec §2.5: 404)."""
 
     status = 404
     error = "invalid_request"
 
 
-class NoSuchIdentity(NmiError):
+class NoSuchIdentity(ServiceError):
     """The caller has no identity matching the request, and waiting would not change that.
 
     IMDS's own answer for an identity the VM does not have (400 ``invalid_request``, "Identity not
@@ -49,21 +49,21 @@ class NoSuchIdentity(NmiError):
     error = "invalid_request"
 
 
-class PodNotFound(NmiError):
+class PodNotFound(ServiceError):
     """The caller's address belongs to no known pod on this node."""
 
     status = 404
     error = "invalid_request"
 
 
-class AmbiguousPod(NmiError):
+class AmbiguousPod(ServiceError):
     """Several live pods claim the caller's address: refuse rather than guess."""
 
     status = 500
     error = "ambiguous_caller"
 
 
-class UpstreamRefused(NmiError):
+class UpstreamRefused(ServiceError):
     """IMDS or Azure AD answered and refused (nmi-spec §3.5: 403)."""
 
     status = 403
@@ -81,7 +81,7 @@ class UpstreamRefused(NmiError):
         self.upstream_status = upstream_status
 
 
-class UpstreamUnavailable(NmiError):
+class UpstreamUnavailable(ServiceError):
     """IMDS or Azure AD could not be reached in time, or kept failing (503)."""
 
     status = 503

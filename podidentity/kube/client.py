@@ -3,7 +3,7 @@
 Why not ``kubernetes_asyncio``'s ``ApiClient``/``watch.Watch``: importing any part of it imports
 every generated API and model class (~950 modules): aiohttp + PyYAML 34.5 MB VmRSS, plus
 ``kubernetes_asyncio.client`` 72.1 MB, i.e. +37.6 MB and +0.35 s on every node, for typed models
-NMI never uses (it parses the JSON shape itself, ``nmi.model``). So requests go through one
+NMI never uses (it parses the JSON shape itself, ``podidentity.model``). So requests go through one
 ``aiohttp.ClientSession`` and watch streams are split into lines here.
 """
 
@@ -15,16 +15,22 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any
 
 import aiohttp
 
-from nmi.kube.config import Connection
-from nmi.kube.errors import KubeUnavailable, WatchStalled, api_error_from_status, retry_after_of
-from nmi.kube.settings import KubeSettings
+from podidentity.kube.config import Connection
+from podidentity.kube.errors import (
+    KubeApiError,
+    KubeUnavailable,
+    WatchStalled,
+    api_error_from_status,
+    retry_after_of,
+)
+from podidentity.kube.settings import KubeSettings
 
-log = logging.getLogger("nmi.kube")
+log = logging.getLogger("podidentity.kube")
 
 _MAX_ERROR_BODY = 4096
 
@@ -156,7 +162,7 @@ class KubeClient:
         headers = await self._headers()
         if content_type is not None:
             headers["Content-Type"] = content_type
-        try:
+        with self._reaching(f"{method} {path}"):
             async with (
                 asyncio.timeout(self._settings.request_timeout_s),
                 self._session.request(
@@ -172,20 +178,24 @@ class KubeClient:
                 raw = await resp.read()
                 status = resp.status
                 retry_after = retry_after_of(resp.headers)
-        except TimeoutError as exc:
-            raise KubeUnavailable(
-                f"{method} {path}: no answer within {self._settings.request_timeout_s}s"
-            ) from exc
-        except (aiohttp.ClientError, OSError) as exc:
-            raise KubeUnavailable(f"{method} {path}: {exc or type(exc).__name__}") from exc
         if status not in ok:
-            self._on_error_status(status)
-            raise api_error_from_status(status, _json_or_none(raw[:_MAX_ERROR_BODY]), retry_after)
+            raise self._refused(status, raw, retry_after)
         return raw
 
-    def _on_error_status(self, status: int) -> None:
+    @contextlib.contextmanager
+    def _reaching(self, what: str) -> Iterator[None]:
+        """Timeouts and transport failures become ``KubeUnavailable`` naming ``what``."""
+        try:
+            yield
+        except TimeoutError as exc:
+            raise KubeUnavailable(f"{what}: no answer within {self._settings.request_timeout_s}s") from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise KubeUnavailable(f"{what}: {exc or type(exc).__name__}") from exc
+
+    def _refused(self, status: int, body: bytes, retry_after: float | None) -> KubeApiError:
         if status == 401:
             self._connection.auth.invalidate()
+        return api_error_from_status(status, _json_or_none(body[:_MAX_ERROR_BODY]), retry_after)
 
     @contextlib.asynccontextmanager
     async def watch(
@@ -194,7 +204,7 @@ class KubeClient:
         """Open a watch; the stream yields raw ``{"type", "object"}`` events until the server ends it."""
         await self._limiter.acquire()
         headers = await self._headers()
-        try:
+        with self._reaching(f"watch {path}"):
             async with asyncio.timeout(self._settings.request_timeout_s):
                 resp = await self._session.get(
                     self._url(path),
@@ -204,22 +214,14 @@ class KubeClient:
                     timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._settings.connect_timeout_s),
                     **self._extra,
                 )
-        except TimeoutError as exc:
-            raise KubeUnavailable(
-                f"watch {path}: no answer within {self._settings.request_timeout_s}s"
-            ) from exc
-        except (aiohttp.ClientError, OSError) as exc:
-            raise KubeUnavailable(f"watch {path}: {exc or type(exc).__name__}") from exc
         try:
             if resp.status != 200:
-                self._on_error_status(resp.status)
-                retry_after = retry_after_of(resp.headers)
                 try:
                     async with asyncio.timeout(self._settings.request_timeout_s):
                         body = await resp.content.read(_MAX_ERROR_BODY)
                 except (TimeoutError, aiohttp.ClientError, OSError):
                     body = b""
-                raise api_error_from_status(resp.status, _json_or_none(body), retry_after)
+                raise self._refused(resp.status, body, retry_after_of(resp.headers))
             yield WatchStream(resp, inactivity_timeout_s, self._settings.max_event_bytes, path)
         finally:
             # Never hand a half-read watch body back to the pool: close the connection.

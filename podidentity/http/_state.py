@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-from nmi.http.handler import Handler, RejectHook, ResponseHook
-from nmi.http.response import Response
-from nmi.settings import ServerSettings
+from podidentity.http.handler import Handler, RejectHook, ResponseHook
+from podidentity.http.response import Response
+from podidentity.http.settings import ServerSettings
 
 if TYPE_CHECKING:
-    from nmi.http.protocol import HttpProtocol
+    from podidentity.http.protocol import HttpProtocol
 
 # Request line and header block limits count field bytes; the raw backstop also allows for the
 # method, version, ": " and CRLFs around them.

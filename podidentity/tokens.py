@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
-from nmi.model import AzureIdentity
+from podidentity.model import AzureIdentity
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,3 +67,19 @@ class TokenSource(Protocol):
     """
 
     async def fetch(self, request: TokenRequest, *, deadline: float) -> Token: ...
+
+
+def number(value: object) -> float | None:
+    """A finite number from a token answer (IMDS sends strings, Azure AD v2 integers; no bools)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        result = float(value)
+    elif isinstance(value, str):
+        try:
+            result = float(value.strip())
+        except ValueError:
+            return None
+    else:
+        return None
+    return result if math.isfinite(result) else None

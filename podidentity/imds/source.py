@@ -28,11 +28,11 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from nmi.errors import UpstreamRefused, UpstreamUnavailable
-from nmi.metrics import OP_MSI, OP_MSI_USER_ASSIGNED, Metrics
-from nmi.settings import UpstreamSettings
-from nmi.tokens.limiter import UpstreamLimiter
-from nmi.tokens.model import Token, TokenRequest
+from podidentity.errors import UpstreamRefused, UpstreamUnavailable
+from podidentity.imds.limiter import UpstreamLimiter
+from podidentity.imds.metrics import OP_MSI, OP_MSI_USER_ASSIGNED, UpstreamMetrics
+from podidentity.imds.settings import UpstreamSettings
+from podidentity.tokens import Token, TokenRequest, number
 
 log = logging.getLogger("nmi.tokens.imds")
 
@@ -79,7 +79,7 @@ class ImdsTokenSource:
         settings: UpstreamSettings,
         session: aiohttp.ClientSession,
         limiter: UpstreamLimiter,
-        metrics: Metrics,
+        metrics: UpstreamMetrics,
         *,
         user_agent: str,
         clock: Callable[[], float] = time.time,
@@ -287,26 +287,11 @@ def _error_of(answer: _Answer) -> tuple[str, str]:
     return error, _clean(description)
 
 
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int | float):
-        result = float(value)
-    elif isinstance(value, str):
-        try:
-            result = float(value.strip())
-        except ValueError:
-            return None
-    else:
-        return None
-    return result if math.isfinite(result) else None
-
-
 def _epoch(value: Any) -> float | None:
     """Epoch seconds from a number, a numeric string, or the date strings some IMDS-likes send."""
-    number = _number(value)
-    if number is not None or not isinstance(value, str):
-        return number
+    seconds = number(value)
+    if seconds is not None or not isinstance(value, str):
+        return seconds
     text = value.strip()
     for fmt in _DATE_FORMATS:
         try:
@@ -334,12 +319,12 @@ def parse_token(body: bytes, *, now: float, resource: str, client_id: str) -> To
         raise _BadBody("the metadata service answered 200 without an access_token")
     expires_on = _epoch(data.get("expires_on"))
     if expires_on is None:
-        expires_in = _number(data.get("expires_in"))
+        expires_in = number(data.get("expires_in"))
         if expires_in is None:
             raise _BadBody("the metadata service answered 200 without expires_on or expires_in")
         expires_on = now + expires_in
     not_before = _epoch(data.get("not_before"))
-    ext_expires_in = _number(data.get("ext_expires_in"))
+    ext_expires_in = number(data.get("ext_expires_in"))
     return Token(
         access_token=access_token,
         resource=_text(data.get("resource")) or resource,

@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from nmi.errors import UpstreamUnavailable
-from nmi.tokens.limiter import SlotTimeout, UpstreamLimiter
+from podidentity.errors import UpstreamUnavailable
+from podidentity.imds.limiter import SlotTimeout, UpstreamLimiter
 
 pytestmark = pytest.mark.timeout(10)
 
