@@ -1,8 +1,13 @@
 """Resource Manager client for VM/VMSS identities: GET, PATCH + long-running-operation polling.
 
-* Every call has a deadline (``request_timeout_s``); an operation is polled until
-  ``lro_timeout_s``, at the pace of its ``Retry-After`` (else ``lro_default_poll_s``), never faster
-  than ``lro_min_poll_s``.
+* Every call has a deadline (``request_timeout_s``). A PATCH counts as applied only when ARM says its
+  operation ``Succeeded``: whatever its status (Compute answers **200** with ``provisioningState:
+  Updating`` while the update still runs; other APIs 201/202), ``Azure-AsyncOperation`` is polled if
+  given, else ``Location``, else the resource until its ``provisioningState`` is terminal; a 200
+  without polling headers is done at once only when it says ``Succeeded``. ``Failed``/``Canceled``
+  raise ``ArmError`` with the operation's error code and message, like a refused PATCH. Polls run until
+  ``lro_timeout_s``, at the pace of ``Retry-After`` (else ``lro_default_poll_s``), never faster than
+  ``lro_min_poll_s`` nor slower than ``LRO_MAX_POLL_S``.
 * 429 closes a gate for that one VM/VMSS and that kind of call (read or write) until Retry-After
   passes; calls meanwhile fail at once with ``ArmThrottled`` and make no request (the original's gates
   were per client, so one hot scale set stalled all others, mic-spec §6.6). 429 is not retried
@@ -35,6 +40,9 @@ log = logging.getLogger("mic.arm")
 LINKED_AUTHORIZATION_FAILED = "LinkedAuthorizationFailed"
 FAILED_IDENTITY_OPERATION = "FailedIdentityOperation"
 MAX_BODY_BYTES = 4 * 1024 * 1024
+LRO_MAX_POLL_S = 60.0
+"""Upper bound on one pause between polls, whatever ``Retry-After`` asks."""
+_FAILED = ("failed", "canceled")
 
 
 class ArmError(Exception):
@@ -127,45 +135,61 @@ class ArmClient:
         return body
 
     async def patch(self, target: ArmTarget, body: Mapping[str, Any]) -> None:
-        """PATCH and wait for the operation to finish; ``ArmError`` if it was refused or failed."""
+        """PATCH and follow the operation to its end; returns only once ARM reports it ``Succeeded``.
+
+        ``ArmError`` if the PATCH was refused, or its operation ended ``Failed``/``Canceled`` (with the
+        operation's error code and message), or did not end within ``lro_timeout_s``.
+        """
         op = OP_VMSS_UPDATE if target.is_vmss else OP_VM_UPDATE
         started = self._clock()
         try:
-            status, _, headers = await self._call("PATCH", target, "write", body)
-            if status in (201, 202):
-                await self._wait(target, headers)
+            _, answer, headers = await self._call("PATCH", target, "write", body)
+            await self._wait(target, answer, headers)
         except ArmError:
             self._metrics.cloud_errors[op].inc()
             raise
         self._metrics.cloud_duration[op].observe(self._clock() - started)
 
-    async def _wait(self, target: ArmTarget, headers: Mapping[str, str]) -> None:
-        async_url = headers.get("Azure-AsyncOperation")
-        location = headers.get("Location")
-        if not async_url and not location:
-            return  # 201 without polling headers: already done
+    async def _wait(self, target: ArmTarget, answer: Any, headers: Mapping[str, str]) -> None:
+        """Follow a PATCH to its end, whatever its status (Compute answers 200 while still Updating):
+        the ``Azure-AsyncOperation`` URL if given, else the ``Location`` URL, else the resource itself
+        until its ``provisioningState`` is terminal."""
+        async_url = _header(headers, "Azure-AsyncOperation")
+        location = _header(headers, "Location")
+        if not async_url and not location and _provisioning(answer) == "succeeded":
+            return  # finished synchronously
         deadline = self._clock() + self._settings.lro_timeout_s
-        delay = parse_retry_after(headers.get("Retry-After"))
+        delay = parse_retry_after(_header(headers, "Retry-After"))
         while True:
             pause = self._settings.lro_default_poll_s if delay is None else delay
-            pause = max(pause, self._settings.lro_min_poll_s)
-            if self._clock() + pause > deadline:
+            pause = min(max(pause, self._settings.lro_min_poll_s), LRO_MAX_POLL_S)
+            pause = min(pause, deadline - self._clock())
+            if pause <= 0:
                 raise ArmError(0, "OperationTimeout", f"{target}: operation not finished in time")
             await self._sleep(pause)
-            url = async_url or location
-            assert url is not None
-            status, body, poll_headers = await self._request("GET", url, None, target, "read")
-            delay = parse_retry_after(poll_headers.get("Retry-After"))
             if async_url:
+                _, body, poll_headers = await self._request("GET", async_url, None, target, "read")
                 state = str(body.get("status", "")) if isinstance(body, dict) else ""
                 if state.casefold() == "succeeded":
                     return
-                if state.casefold() in ("failed", "canceled"):
-                    error = body.get("error") if isinstance(body, dict) else None
-                    code, message = _error_fields(error, state)
-                    raise ArmError(200, code, message)
-            elif status != 202:
-                return
+                if state.casefold() in _FAILED:
+                    code, message = _error_fields(
+                        body.get("error") if isinstance(body, dict) else None, state
+                    )
+                    raise ArmError(200, code, message or f"{target}: operation {state}")
+            elif location:
+                # 202 while running; then 200/204 (the error status if it failed: raised by _request).
+                status, body, poll_headers = await self._request("GET", location, None, target, "read")
+                if status != 202:
+                    _raise_if_failed(target, body)
+                    return
+            else:
+                _, body, poll_headers = await self._call("GET", target, "read", None)
+                state = _provisioning(body)
+                if state in ("", "succeeded"):  # no provisioningState: finished (ARM's rule)
+                    return
+                _raise_if_failed(target, body)
+            delay = parse_retry_after(_header(poll_headers, "Retry-After"))
 
     async def _call(
         self, method: str, target: ArmTarget, access: Access, body: Mapping[str, Any] | None
@@ -230,6 +254,26 @@ class ArmClient:
             log.warning("%s %s: throttled by ARM; no %s calls for %.1fs", method, target, access, wait)
             raise ArmThrottled(until, f"{method} {target}: 429 {message}")
         raise ArmError(status, code, message, retry_after=retry_after)
+
+
+def _header(headers: Mapping[str, str], name: str) -> str | None:
+    value = headers.get(name)
+    if value is None:  # a plain dict from a test double: match case-insensitively
+        value = next((v for k, v in headers.items() if k.casefold() == name.casefold()), None)
+    return value or None
+
+
+def _provisioning(body: Any) -> str:
+    """A resource's folded ``properties.provisioningState`` ("" when absent or not a resource)."""
+    props = body.get("properties") if isinstance(body, dict) else None
+    return str(props.get("provisioningState") or "").casefold() if isinstance(props, dict) else ""
+
+
+def _raise_if_failed(target: ArmTarget, body: Any) -> None:
+    state = _provisioning(body)
+    if state in _FAILED:
+        code, message = _error_fields(body.get("error") if isinstance(body, dict) else None, state.title())
+        raise ArmError(200, code, message or f"{target}: provisioningState {state.title()}")
 
 
 def _error_fields(error: Any, fallback: str) -> tuple[str, str]:

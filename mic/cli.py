@@ -8,21 +8,25 @@ import logging
 import os
 import re
 import signal
+import socket
 import sys
 from collections.abc import Mapping, Sequence
 
 from mic.app import App
 from mic.settings import (
-    ARM_PUBLIC,
+    CLIENT_QPS,
     IMDS_DEFAULT,
     ArmSettings,
+    LeaderSettings,
     MicSettings,
     ReconcileSettings,
     azure_config_from_env,
-    parse_azure_config,
+    kube_settings,
+    read_azure_config,
 )
 from podidentity import __version__
-from podidentity.cliargs import flag, port
+from podidentity.cliargs import flag, port, positive
+from podidentity.clouds import cloud_environment
 from podidentity.errors import ConfigError
 
 log = logging.getLogger("mic")
@@ -64,52 +68,63 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--update-user-msi-max-retry", type=int, default=2)
     p.add_argument("--update-user-msi-retry-interval", type=go_duration, default=1.0)
     p.add_argument("--createDeleteBatch", type=int, default=20)
-    p.add_argument("--clientQps", type=float, default=5.0)
+    p.add_argument(
+        "--clientQps", type=positive, default=CLIENT_QPS, help="API server requests/s, burst equal"
+    )
     p.add_argument("--max-concurrent-vm-updates", type=int, default=10, help="VMs/VMSSs worked on at once")
-    p.add_argument("--arm-endpoint", default="", help="Resource Manager URL (private clouds; default public)")
+    p.add_argument("--arm-endpoint", default="", help="Resource Manager URL (default: the cloud's)")
     p.add_argument("--imds-endpoint", default=IMDS_DEFAULT, help="IMDS URL for MIC's own managed identity")
     p.add_argument("--arm-token-file", default="", help="ARM bearer token file (tests, break-glass)")
-    p.add_argument("--arm-audience", default=ARM_PUBLIC, help="token audience for Resource Manager")
-    # Accepted for compatibility with the chart; leader election is not implemented (one replica).
+    p.add_argument(
+        "--arm-audience", default="", help="token audience for Resource Manager (default: the cloud's)"
+    )
+    g = p.add_argument_group("leader election")
+    g.add_argument("--leader-election-instance", default="", help="holder identity (default: hostname)")
+    g.add_argument("--leader-election-namespace", default="default")
+    g.add_argument("--leader-election-name", default="aad-pod-identity-mic")
+    g.add_argument("--leader-election-duration", type=go_duration, default=15.0)
+    flag(
+        g,
+        "--leader-election-endpoints-lock",
+        True,
+        "also hold the Go MIC's Endpoints lock (turn off once no Go MIC runs)",
+    )
+    # Accepted for compatibility with the chart.
     for name in (
-        "--leader-election-instance",
-        "--leader-election-namespace",
-        "--leader-election-name",
-        "--leader-election-duration",
         "--config-map-name",
         "--type-upgrade-status-key",
         "--custom-user-agent",
         "--log-format",
-        "--v",
     ):
         p.add_argument(name, default=None, help=argparse.SUPPRESS)
+    p.add_argument("-v", "--v", type=int, default=0, help="klog verbosity; >= 4 means debug logs")
     for name in ("--enableScaleFeatures", "--enableProfile", "--enable-type-upgrade", "--logtostderr"):
         flag(p, name, False, argparse.SUPPRESS)
     return p
 
 
 def _go_style(argv: Sequence[str]) -> list[str]:
-    """Go's flag package takes ``-name``; argparse wants ``--name`` for long names."""
-    return [f"-{a}" if re.match(r"^-[A-Za-z][\w-]+", a) else a for a in argv]
+    """Go's flag package takes ``-name`` (klog's ``-v=4`` too); argparse wants ``--name``."""
+    return [f"-{a}" if re.match(r"^-([A-Za-z][\w-]+|v=)", a) else a for a in argv]
 
 
 def settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> MicSettings:
-    if args.cloudconfig:
-        try:
-            with open(args.cloudconfig, encoding="utf-8") as f:
-                azure = parse_azure_config(f.read(), source=args.cloudconfig)
-        except OSError as exc:
-            raise ConfigError(f"cannot read --cloudconfig {args.cloudconfig}: {exc}") from exc
-    else:
-        azure = azure_config_from_env(environ)
+    azure = read_azure_config(args.cloudconfig) if args.cloudconfig else azure_config_from_env(environ)
+    cloud = cloud_environment(azure.cloud, environ)
     immutable = {c.strip().casefold() for c in args.immutable_user_msis.split(",") if c.strip()}
     if azure.user_assigned_identity_id:
         immutable.add(azure.user_assigned_identity_id.casefold())  # the cluster identity (mic-spec §3.9)
     force = bool(args.forceNamespaced) or environ.get("FORCENAMESPACED", "").casefold() == "true"
-    arm = ArmSettings(endpoint=args.arm_endpoint or ARM_PUBLIC, audience=args.arm_audience)
+    # The cloud decides where Resource Manager is; the flags only override it (for tests and odd set-ups).
+    arm = ArmSettings(
+        endpoint=args.arm_endpoint or cloud.resource_manager_endpoint,
+        audience=args.arm_audience or cloud.token_audience,
+    )
     return MicSettings(
         kubeconfig=args.kubeconfig,
+        cloudconfig=args.cloudconfig,
         azure=azure,
+        cloud=cloud,
         arm=arm,
         reconcile=ReconcileSettings(
             force_namespaced=force,
@@ -121,8 +136,17 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> MicSe
             kube_write_concurrency=max(1, args.createDeleteBatch),
             max_concurrent_targets=max(1, args.max_concurrent_vm_updates),
         ),
+        kube=kube_settings(args.clientQps),
+        leader=LeaderSettings(
+            instance=args.leader_election_instance or socket.gethostname(),
+            namespace=args.leader_election_namespace,
+            name=args.leader_election_name,
+            duration_s=args.leader_election_duration,
+            endpoints_lock=args.leader_election_endpoints_lock,
+        ),
         imds_endpoint=args.imds_endpoint,
         arm_token_file=args.arm_token_file,
+        log_level="DEBUG" if args.v >= 4 else "INFO",
         http_probe_port=args.http_probe_port,
         prometheus_port=args.prometheus_port,
     )
@@ -161,5 +185,5 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ConfigError as exc:
         print(f"mic: {exc}", file=sys.stderr)
         sys.exit(2)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sys.exit(asyncio.run(_run(settings)))

@@ -17,10 +17,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Histogram
 
 from mic.metrics import KUBE_ADD, KUBE_DELETE, KUBE_STATUS, KUBE_UPDATE, MicMetrics
 from mic.model import FINALIZER
+from podidentity.exposition import PlainCounter
 from podidentity.kube.client import KubeClient
 from podidentity.kube.errors import KubeApiError, KubeError
 from podidentity.kube.settings import KubeSettings
@@ -73,7 +74,7 @@ class _WriteOp:
     refresh_on: tuple[int, ...]
     """Statuses after which the server's copy is taken instead (exists already, conflict, gone)."""
     duration: Callable[[MicMetrics], Histogram]
-    count: Callable[[MicMetrics], Counter]
+    count: Callable[[MicMetrics], PlainCounter]
 
 
 ADD = _WriteOp(KUBE_ADD, (409,), lambda m: m.addition_duration, lambda m: m.addition_count)
@@ -85,13 +86,36 @@ def _aai_path(namespace: str, name: str = "") -> str:
     return f"{base}/{name}" if name else base
 
 
-class AaiWriter:
-    """Creates, replaces, re-states and deletes AAIs; keeps the cache in step with each answer."""
+class NotLeader(KubeError):
+    """A write was attempted by a replica that does not hold the leader lock: refused here."""
 
-    def __init__(self, client: KubeClient, state: ClusterState, metrics: MicMetrics) -> None:
+
+class AaiWriter:
+    """Creates, replaces, re-states and deletes AAIs; keeps the cache in step with each answer.
+
+    Every write first asks ``may_write`` (the leader lock): a replica that lost the lease cannot
+    write, even from a task that has not seen its cancellation yet.
+    """
+
+    def __init__(
+        self,
+        client: KubeClient,
+        state: ClusterState,
+        metrics: MicMetrics,
+        *,
+        may_write: Callable[[], bool] = lambda: True,
+    ) -> None:
         self._client = client
         self._state = state
         self._metrics = metrics
+        self._may_write = may_write
+
+    async def _send(
+        self, method: str, path: str, body: dict[str, Any] | None = None, **kwargs: Any
+    ) -> dict[str, Any]:
+        if not self._may_write():
+            raise NotLeader(f"{method} {path}: not the leader")
+        return await self._client.write(method, path, body, **kwargs)
 
     def _cache(self, obj: dict[str, Any]) -> AzureAssignedIdentity:
         obj.setdefault("kind", "AzureAssignedIdentity")
@@ -125,7 +149,7 @@ class AaiWriter:
         meta = body["metadata"]
         started = time.monotonic()
         try:
-            obj = await self._client.write(method, path, body)
+            obj = await self._send(method, path, body)
         except KubeApiError as exc:
             self._metrics.kube_errors.labels(op.error_label).inc()
             if exc.status in op.refresh_on:
@@ -142,7 +166,7 @@ class AaiWriter:
     async def set_status(self, aai: AzureAssignedIdentity, status: str) -> AzureAssignedIdentity:
         """Merge-patch ``status.status`` (the original sent the same change as a JSON patch)."""
         try:
-            obj = await self._client.write(
+            obj = await self._send(
                 "PATCH",
                 _aai_path(aai.namespace, aai.name),
                 {"status": {"status": status}},
@@ -159,7 +183,7 @@ class AaiWriter:
         path = _aai_path(aai.namespace, aai.name)
         try:
             try:
-                obj = await self._client.write("DELETE", path)
+                obj = await self._send("DELETE", path)
             except KubeApiError as exc:
                 if exc.status != 404:
                     raise
@@ -170,7 +194,7 @@ class AaiWriter:
             if kept and isinstance(finalizers, list) and FINALIZER in finalizers:
                 rest = [f for f in finalizers if f != FINALIZER]
                 try:
-                    await self._client.write(
+                    await self._send(
                         "PATCH",
                         path,
                         {"metadata": {"finalizers": rest or None}},

@@ -76,6 +76,21 @@ class Writer(Protocol):
     async def delete(self, aai: AzureAssignedIdentity) -> None: ...
 
 
+def _provisioning(resource: Mapping[str, Any]) -> str:
+    return str((resource.get("properties") or {}).get("provisioningState") or "").casefold()
+
+
+def _settled(target: ArmTarget, resource: Mapping[str, Any]) -> set[str]:
+    """The folded IDs on the VM/VMSS, once no operation is running: while one is (``Updating``...),
+    Compute already shows its identities though they are not in effect, so none can be confirmed."""
+    state = _provisioning(resource)
+    if state not in ("", "succeeded", "failed", "canceled"):
+        raise ArmError(
+            409, "OperationInProgress", f"{target} is {state}: its identities are not in effect yet"
+        )
+    return set(user_identities(resource))
+
+
 class Reconciler:
     def __init__(
         self,
@@ -343,13 +358,13 @@ class Reconciler:
     async def _sync_arm(self, target: ArmTarget, want: dict[str, str], remove: dict[str, str]) -> set[str]:
         """Make ``want`` present and ``remove`` absent; returns the folded IDs now on the VM/VMSS."""
         resource = await self._arm.get(target)
-        if str((resource.get("properties") or {}).get("provisioningState", "")).casefold() == "deleting":
+        if _provisioning(resource) == "deleting":
             raise ArmError(409, "Deleting", f"{target} is being deleted")
         present = set(user_identities(resource))
         to_add = {f: r for f, r in want.items() if f not in present}
         to_remove = {f: r for f, r in remove.items() if f in present and f not in want}
         if not to_add and not to_remove:
-            return present
+            return _settled(target, resource)
         failed: ArmError | None = None
         for attempt in range(self._settings.update_max_retry + 1):
             try:
@@ -384,7 +399,7 @@ class Reconciler:
         if failed is None:
             return (present | set(to_add)) - set(to_remove)
         # Resolve per identity from what Azure now holds (mic-spec §3.5 step 4).
-        return set(user_identities(await self._arm.get(target)))
+        return _settled(target, await self._arm.get(target))
 
     async def _delete_node_gone(self, aais: list[AzureAssignedIdentity]) -> bool:
         results = await self._bounded([self._writer.delete(aai) for aai in aais])

@@ -9,8 +9,12 @@ from typing import Any
 
 import yaml
 
+from podidentity import __version__
+from podidentity.clouds import KNOWN, CloudEnvironment
 from podidentity.errors import ConfigError
+from podidentity.kube.settings import KubeSettings
 
+USER_AGENT = f"aad-pod-identity/MIC/{__version__}"
 ARM_PUBLIC = "https://management.azure.com/"
 IMDS_DEFAULT = "http://169.254.169.254"
 
@@ -75,6 +79,14 @@ def parse_azure_config(text: str, *, source: str = "azure.json") -> AzureConfig:
     return AzureConfig(**values)
 
 
+def read_azure_config(path: str) -> AzureConfig:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return parse_azure_config(f.read(), source=path)
+    except OSError as exc:
+        raise ConfigError(f"cannot read --cloudconfig {path}: {exc.strerror}") from None
+
+
 def azure_config_from_env(environ: Mapping[str, str]) -> AzureConfig:
     values: dict[str, Any] = {}
     for key, attr in _ENV_KEYS.items():
@@ -132,19 +144,54 @@ class ReconcileSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class LeaderSettings:
+    """``--leader-election-*`` (mic-spec §2, §3.2)."""
+
+    instance: str = ""
+    """Holder identity; the hostname (the pod name) when empty."""
+    namespace: str = "default"
+    name: str = "aad-pod-identity-mic"
+    duration_s: float = 15.0
+    """Lease duration; renew deadline half of it, retry period a quarter."""
+    endpoints_lock: bool = True
+    """Also hold the Go MIC's Endpoints annotation lock: two leaders never act during an upgrade."""
+    qps: float = 5.0
+    """The lock's own client budget, apart from the writes': a burst of AAI writes never starves it."""
+
+
+CLIENT_QPS = 20.0
+"""``--clientQps`` default: writes per second to the API server, burst equal (client-go's rule in the
+original). 20 is kube-controller-manager's own default; the original's 5 made a 2,000-pod burst
+(two writes per pod) wait ~13 minutes for the client alone, 20 makes it ~3."""
+
+
+@dataclass(frozen=True, slots=True)
 class MicSettings:
     kubeconfig: str = ""
+    cloudconfig: str = ""
+    """``--cloudconfig`` (azure.json): re-read when it changes; empty means environment variables."""
+    kube: KubeSettings = field(default_factory=lambda: kube_settings(CLIENT_QPS))
+    """The client of watches and AAI writes (``--clientQps``)."""
+    leader: LeaderSettings = LeaderSettings()
     azure: AzureConfig = AzureConfig()
+    cloud: CloudEnvironment = KNOWN["azurepubliccloud"]
     arm: ArmSettings = ArmSettings()
     reconcile: ReconcileSettings = ReconcileSettings()
     imds_endpoint: str = IMDS_DEFAULT
     """Where MIC asks for its own ARM token with managed identity (``--imds-endpoint``)."""
     arm_token_file: str = ""
     """A file holding an ARM bearer token, re-read on use: for tests and break-glass only."""
+    log_level: str = "INFO"
+    """``-v=N``: 4 and above is DEBUG, as klog's verbosity in the original."""
     http_probe_host: str = "0.0.0.0"
     http_probe_port: int = 8080
     prometheus_host: str = "0.0.0.0"
     prometheus_port: int = 8888
+
+
+def kube_settings(qps: float, *, user_agent: str = USER_AGENT) -> KubeSettings:
+    """A client budget of ``qps`` requests per second and the same burst, as the original's client-go."""
+    return KubeSettings(qps=qps, burst=max(1, int(qps)), user_agent=user_agent)
 
 
 def dumps(settings: MicSettings) -> str:
@@ -155,6 +202,8 @@ def dumps(settings: MicSettings) -> str:
             "resourceGroup": settings.azure.resource_group,
             "arm": settings.arm.endpoint,
             "forceNamespaced": settings.reconcile.force_namespaced,
+            "clientQps": settings.kube.qps,
+            "leaderElection": f"{settings.leader.namespace}/{settings.leader.name}",
             "immutable": sorted(settings.reconcile.immutable_client_ids),
         }
     )

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from nmi._fastmetrics import LightCounter, LightHistogram
+from podidentity.exposition import PlainCounter
 from podidentity.imds.metrics import UpstreamMetrics
 
 PREFIX = "aadpodidentity_"
@@ -35,7 +36,7 @@ class Metrics:
             buckets=NMI_BUCKETS,
             registry=registry,
         )
-        self.kube_errors = Counter(
+        self.kube_errors = PlainCounter(
             PREFIX + "kubernetes_api_operations_errors_count",
             "Failed Kubernetes lookups",
             ["operation_type"],

@@ -10,8 +10,9 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
+from podidentity.exposition import render
 from podidentity.http.request import Request
 from podidentity.http.response import Response
 
@@ -62,5 +63,5 @@ class MetricsEndpoint:
 
     def __call__(self, request: Request) -> Response:
         if request.raw_path == "/metrics":
-            return Response(200, generate_latest(self._registry), self._headers)
+            return Response(200, render(self._registry), self._headers)
         return NOT_FOUND

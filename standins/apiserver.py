@@ -3,9 +3,14 @@
 Clients reach it through an ordinary kubeconfig (``write_kubeconfig``), over HTTP or HTTPS with a
 trustme CA, optionally with a bearer token. What it implements, as the real server does:
 
-* pods and secrets (``/api/v1``) and the four ``aadpodidentity.k8s.io/v1`` kinds, all-namespaces
-  and namespaced collections, GET/POST/PUT/PATCH (JSON merge patch)/DELETE, finalizers and
-  graceful pod deletion (``deletionTimestamp`` first);
+* pods, secrets, endpoints and events (``/api/v1``), ``coordination.k8s.io/v1`` leases and the four
+  ``aadpodidentity.k8s.io/v1`` kinds, all-namespaces and namespaced collections,
+  GET/POST/PUT/PATCH (JSON merge patch)/DELETE, finalizers and graceful pod deletion
+  (``deletionTimestamp`` first); ``generateName``; each kind's update policy (a Lease PUT needs
+  ``metadata.resourceVersion``; leases, endpoints and events are created by a PUT to a missing
+  name); Status bodies worded as the real server's (``leases.coordination.k8s.io "x" not found``,
+  the optimistic-lock Conflict, 422 ``Invalid`` with causes); Lease and Event validation, their
+  MicroTime/Time fields parsed strictly and written back normalised;
 * discovery (``/api``, ``/apis``, group and resource lists, ``/version``);
 * lists with ``labelSelector`` (``=``, ``==``, ``!=``, ``in``, ``notin``, ``k``, ``!k``),
   ``fieldSelector`` (the kind's supported field labels; others are a 400 like the real server),
@@ -22,8 +27,9 @@ trustme CA, optionally with a bearer token. What it implements, as the real serv
 Faults: ``cut_next_event`` (half a line, then the connection closes), ``close_watches``,
 ``stall_watches`` (open streams go silent for good), ``pause_watches``/``resume_watches`` (hold
 then burst), ``stop_listening``/``start_listening`` (connections refused, open ones reset),
-``fail_next`` (500 or 429 with Retry-After on the next N requests), ``compact`` (history dropped,
-older watches get 410).
+``fail_next`` (the next N requests of some verbs and resources get 500, 429 with Retry-After,
+403 Forbidden, 409 Conflict...), ``delay_requests`` (slow answers for some verbs and resources,
+before or after the write took effect), ``compact`` (history dropped, older watches get 410).
 
 CLI: ``python -m standins.apiserver --port P --load FILE.yaml [--tls] [--kubeconfig OUT]``.
 """
@@ -58,7 +64,21 @@ log = logging.getLogger("standins.apiserver")
 
 CRD_GROUP = "aadpodidentity.k8s.io"
 CRD_VERSION = "v1"
+COORDINATION_GROUP = "coordination.k8s.io"
 META_FIELDS = frozenset({"metadata.name", "metadata.namespace"})
+EVENT_FIELDS = META_FIELDS | {
+    "involvedObject.kind",
+    "involvedObject.namespace",
+    "involvedObject.name",
+    "involvedObject.uid",
+    "involvedObject.apiVersion",
+    "involvedObject.resourceVersion",
+    "involvedObject.fieldPath",
+    "reason",
+    "reportingComponent",
+    "source",
+    "type",
+}
 POD_FIELDS = META_FIELDS | {
     "spec.nodeName",
     "spec.restartPolicy",
@@ -80,6 +100,15 @@ class ResourceType:
     version: str = "v1"
     field_labels: frozenset[str] = META_FIELDS
     namespaced: bool = True
+    unconditional_update: bool = True
+    """A PUT without ``metadata.resourceVersion`` overwrites (the strategy's AllowUnconditionalUpdate);
+    otherwise it is a 422. Kinds whose real strategy says false but that were served leniently before
+    (the CRDs) keep True."""
+    create_on_update: bool = False
+    """A PUT to a missing object creates it (the strategy's AllowCreateOnUpdate)."""
+    returns_deleted: bool = True
+    """An immediate DELETE answers with the object (the store's ReturnDeletedObject), else a Status."""
+    short_names: tuple[str, ...] = ()
 
     @property
     def api_version(self) -> str:
@@ -89,9 +118,80 @@ class ResourceType:
     def core(self) -> bool:
         return not self.group
 
+    @property
+    def qualified(self) -> str:
+        """``leases.coordination.k8s.io``, ``pods``: how the real server names the resource in errors."""
+        return f"{self.plural}.{self.group}" if self.group else self.plural
+
+    def details(self, name: str) -> dict[str, Any]:
+        details: dict[str, Any] = {"name": name, "kind": self.plural}
+        if self.group:
+            details["group"] = self.group
+        return details
+
+    def not_found(self, name: str) -> ApiError:
+        return ApiError(404, "NotFound", f'{self.qualified} "{name}" not found', details=self.details(name))
+
+    def conflict(self, name: str) -> ApiError:
+        return ApiError(
+            409,
+            "Conflict",
+            f'Operation cannot be fulfilled on {self.qualified} "{name}": the object has been modified; '
+            "please apply your changes to the latest version and try again",
+            details=self.details(name),
+        )
+
+    def invalid(self, name: str, errors: list[FieldError], *, kind: str | None = None) -> ApiError:
+        """422 ``Invalid`` as ``errors.NewInvalid``: ``kind`` defaults to ``Kind[.group]``."""
+        qualified = kind or (f"{self.kind}.{self.group}" if self.group else self.kind)
+        text = errors[0].text() if len(errors) == 1 else "[" + ", ".join(e.text() for e in errors) + "]"
+        details: dict[str, Any] = {
+            "name": name,
+            "kind": qualified.split(".", 1)[0],
+            "causes": [e.cause() for e in errors],
+        }
+        if self.group:
+            details["group"] = self.group
+        return ApiError(422, "Invalid", f'{qualified} "{name}" is invalid: {text}', details=details)
+
+
+class GoLiteral(str):
+    """A value printed as Go's ``%#v`` would, unquoted (``0x0`` for a zero resourceVersion)."""
+
+
+@dataclass(frozen=True)
+class FieldError:
+    """One ``field.Error``: ``invalid`` (with the value) or ``required``."""
+
+    path: str
+    detail: str
+    value: Any = None
+    required: bool = False
+
+    def _value(self) -> str:
+        if isinstance(self.value, GoLiteral):
+            return str(self.value)
+        if isinstance(self.value, str):
+            return json.dumps(self.value)
+        if isinstance(self.value, bool):
+            return "true" if self.value else "false"
+        return str(self.value)
+
+    def _body(self) -> str:
+        if self.required:
+            return "Required value" + (f": {self.detail}" if self.detail else "")
+        return f"Invalid value: {self._value()}: {self.detail}"
+
+    def text(self) -> str:
+        return f"{self.path}: {self._body()}"
+
+    def cause(self) -> dict[str, str]:
+        reason = "FieldValueRequired" if self.required else "FieldValueInvalid"
+        return {"reason": reason, "message": self._body(), "field": self.path}
+
 
 RESOURCES: tuple[ResourceType, ...] = (
-    ResourceType("pods", "pod", "Pod", field_labels=POD_FIELDS),
+    ResourceType("pods", "pod", "Pod", field_labels=POD_FIELDS, short_names=("po",)),
     ResourceType("secrets", "secret", "Secret", field_labels=META_FIELDS | {"type"}),
     # Cluster-scoped: stored under namespace "" and served without one (MIC reads spec.providerID).
     ResourceType("nodes", "node", "Node", field_labels=frozenset({"metadata.name"}), namespaced=False),
@@ -109,6 +209,35 @@ RESOURCES: tuple[ResourceType, ...] = (
         CRD_GROUP,
         CRD_VERSION,
     ),
+    # Leader election (coordination.k8s.io Leases; the old client-go lock is an Endpoints annotation)
+    # and Events, with their real strategies' update policies.
+    ResourceType(
+        "leases",
+        "lease",
+        "Lease",
+        COORDINATION_GROUP,
+        "v1",
+        unconditional_update=False,
+        create_on_update=True,
+        returns_deleted=False,
+    ),
+    ResourceType(
+        "endpoints",
+        "endpoints",
+        "Endpoints",
+        create_on_update=True,
+        returns_deleted=False,
+        short_names=("ep",),
+    ),
+    ResourceType(
+        "events",
+        "event",
+        "Event",
+        field_labels=EVENT_FIELDS,
+        create_on_update=True,
+        returns_deleted=False,
+        short_names=("ev",),
+    ),
 )
 BY_PLURAL = {r.plural: r for r in RESOURCES}
 BY_KIND = {r.kind: r for r in RESOURCES}
@@ -117,12 +246,21 @@ BY_KIND = {r.kind: r for r in RESOURCES}
 class ApiError(Exception):
     """Becomes a ``Status`` response."""
 
-    def __init__(self, code: int, reason: str, message: str, *, retry_after: int | None = None) -> None:
+    def __init__(
+        self,
+        code: int,
+        reason: str,
+        message: str,
+        *,
+        retry_after: int | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.reason = reason
         self.message = message
         self.retry_after = retry_after
+        self.details = details
 
     def status(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -134,8 +272,11 @@ class ApiError(Exception):
             "reason": self.reason,
             "code": self.code,
         }
+        details = dict(self.details or {})
         if self.retry_after is not None:
-            body["details"] = {"retryAfterSeconds": self.retry_after}
+            details["retryAfterSeconds"] = self.retry_after
+        if details:
+            body["details"] = details
         return body
 
 
@@ -179,7 +320,9 @@ class FieldRequirement:
     negate: bool = False
 
     def __call__(self, obj: Mapping[str, Any]) -> bool:
-        return (_field_value(obj, self.path) == self.value) != self.negate
+        computed = _COMPUTED_FIELDS.get(self.path)
+        actual = computed(obj) if computed is not None else _field_value(obj, self.path)
+        return (actual == self.value) != self.negate
 
 
 def _split_terms(selector: str) -> list[str]:
@@ -226,6 +369,12 @@ def _field_value(obj: Mapping[str, Any], path: str) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
+
+
+_COMPUTED_FIELDS: dict[str, Callable[[Mapping[str, Any]], str]] = {
+    # Event field labels that are not paths (core/v1 names, pkg/registry/core/event/strategy.go).
+    "source": lambda o: _field_value(o, "source.component") or _field_value(o, "reportingComponent"),
+}
 
 
 def parse_field_selector(selector: str, rtype: ResourceType) -> list[FieldRequirement]:
@@ -312,11 +461,45 @@ class Watch:
             self.push(event.line("DELETED"), event.rv)
 
 
+WRITE_VERBS = frozenset({"create", "update", "patch", "delete"})
+_METHOD_VERBS = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
+
+
+@dataclass(frozen=True)
+class _Scope:
+    """Which requests a fault applies to: request verbs (``get``, ``list``, ``watch``, ``create``,
+    ``update``, ``patch``, ``delete``, or ``write`` for any of the last four) and resources (plurals or
+    kinds; empty means every resource)."""
+
+    verbs: frozenset[str]
+    resources: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(cls, verbs: Iterable[str], resources: Iterable[str] | str | None) -> _Scope:
+        if isinstance(resources, str):
+            resources = (resources,)
+        plurals = frozenset(FakeApiServer._rtype(r).plural for r in resources or ())
+        return cls(frozenset(verbs), plurals)
+
+    def matches(self, verb: str, action: str, plural: str) -> bool:
+        if self.resources and plural not in self.resources:
+            return False
+        return verb in self.verbs or action in self.verbs
+
+
 @dataclass
 class _Failure:
     status: int
     retry_after: int | None
-    verbs: frozenset[str]
+    scope: _Scope
+
+
+@dataclass
+class _Delay:
+    seconds: float
+    scope: _Scope
+    after: bool
+    """Hold the answer after the request took effect, instead of before handling it."""
 
 
 @dataclass
@@ -325,9 +508,16 @@ class RequestRecord:
     path: str
     query: dict[str, str]
     verb: str
+    """``get``, ``list``, ``watch``, ``write`` (any method but GET) or ``discovery``."""
     at: float
     """Loop time the request arrived."""
     user_agent: str = ""
+    resource: str = ""
+    """The plural the path names (``leases``, ``events``), or empty."""
+    action: str = ""
+    """The Kubernetes verb: ``verb``, writes told apart (``create``, ``update``, ``patch``, ``delete``)."""
+    status: int = 0
+    """The HTTP status answered (0 while in flight; for a watch, until its stream ends)."""
 
 
 # --- the server ------------------------------------------------------------------------------
@@ -372,6 +562,7 @@ class FakeApiServer:
         self._watches: set[Watch] = set()
         self._snapshots: dict[str, tuple[int, list[dict[str, Any]], int, Filter]] = {}
         self._failures: deque[_Failure] = deque()
+        self._delays: list[_Delay] = []
         self._cut_next = 0
         self._cut_clean = False
         self._paused = False
@@ -508,10 +699,68 @@ class FakeApiServer:
         *,
         retry_after: int | None = None,
         verbs: Iterable[str] = ("list", "watch", "get"),
+        resources: Iterable[str] | str | None = None,
     ) -> None:
-        """Answer the next ``n`` matching requests with ``status`` (a 429 may carry Retry-After)."""
+        """Answer the next ``n`` matching requests with ``status`` (a 429 may carry Retry-After).
+
+        ``verbs``: ``get``, ``list``, ``watch``, ``create``, ``update``, ``patch``, ``delete``, or
+        ``write`` for all four writes. ``resources``: plurals or kinds (``"leases"``, ``"Event"``);
+        None means any. The body is the real server's Status for that code: 403 ``Forbidden`` as RBAC
+        words it, 409 ``Conflict`` as an optimistic-lock failure, 404 ``NotFound``, 429, 500, 503...
+        Queued failures with different scopes wait independently; the oldest that matches fires.
+        """
+        scope = _Scope.of(verbs, resources)
         for _ in range(n):
-            self._failures.append(_Failure(status, retry_after, frozenset(verbs)))
+            self._failures.append(_Failure(status, retry_after, scope))
+
+    def delay_requests(
+        self,
+        seconds: float,
+        *,
+        verbs: Iterable[str] = ("get", "list", "create", "update", "patch", "delete"),
+        resources: Iterable[str] | str | None = None,
+        after: bool = False,
+    ) -> None:
+        """Make matching requests slow by ``seconds`` until ``clear_delays``: before they are handled,
+        or with ``after`` once they took effect (the write is stored, its answer is late, as when the
+        server commits but the client times out). Delays of several matching rules add up."""
+        self._delays.append(_Delay(seconds, _Scope.of(verbs, resources), after))
+
+    def clear_delays(self) -> None:
+        self._delays.clear()
+
+    def _injected(
+        self, failure: _Failure, request: web.Request, action: str, rtype: ResourceType | None
+    ) -> ApiError:
+        status = failure.status
+        name = request.match_info.get("name", "")
+        if rtype is not None and status == 403:
+            namespace = request.match_info.get("namespace")
+            where = f' in the namespace "{namespace}"' if namespace else " at the cluster scope"
+            subject = (
+                f'{rtype.qualified} "{name}" is forbidden' if name else f"{rtype.qualified} is forbidden"
+            )
+            return ApiError(
+                403,
+                "Forbidden",
+                f'{subject}: User "system:serviceaccount:default:standin" cannot {action} resource '
+                f'"{rtype.plural}" in API group "{rtype.group}"{where}',
+                details=rtype.details(name),
+            )
+        if rtype is not None and status == 409:
+            return rtype.conflict(name)
+        if rtype is not None and status == 404:
+            return rtype.not_found(name)
+        reason = {
+            401: "Unauthorized",
+            403: "Forbidden",
+            404: "NotFound",
+            409: "Conflict",
+            429: "TooManyRequests",
+            503: "ServiceUnavailable",
+            504: "Timeout",
+        }.get(status, "InternalError")
+        return ApiError(status, reason, f"injected failure ({status})", retry_after=failure.retry_after)
 
     def cut_next_event(self, n: int = 1, *, clean_end: bool = False) -> None:
         """The next ``n`` event writes send half their line, then close the connection; with
@@ -588,17 +837,47 @@ class FakeApiServer:
         obj = self._objects[self._rtype(kind).plural].get((namespace, name))
         return copy.deepcopy(obj) if obj is not None else None
 
-    def objects(self, kind: str) -> list[dict[str, Any]]:
-        store = self._objects[self._rtype(kind).plural]
-        return [copy.deepcopy(store[k]) for k in sorted(store)]
+    def objects(
+        self,
+        kind: str,
+        namespace: str | None = None,
+        *,
+        label_selector: str = "",
+        field_selector: str = "",
+    ) -> list[dict[str, Any]]:
+        """Stored objects of ``kind`` (plural or Kind), sorted by namespace and name; optionally one
+        namespace's, filtered as a LIST with ``labelSelector``/``fieldSelector`` would be."""
+        rtype = self._rtype(kind)
+        flt = Filter(
+            rtype,
+            namespace,
+            parse_label_selector(label_selector),
+            parse_field_selector(field_selector, rtype),
+        )
+        store = self._objects[rtype.plural]
+        return [copy.deepcopy(store[k]) for k in sorted(store) if flt.matches(store[k])]
 
     def create(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        """POST: ``metadata.generateName`` makes a name if none is given; 409 if the name is taken."""
+        given = obj.get("metadata") if isinstance(obj, Mapping) else None
+        prefix = ""
+        if isinstance(given, Mapping) and not given.get("name") and given.get("generateName"):
+            prefix = str(given["generateName"])
+            obj = {**obj, "metadata": {**given, "name": _generate_name(prefix)}}
         rtype, new = self._prepare(obj)
         meta = new["metadata"]
         key = (meta.get("namespace", ""), meta["name"])
         store = self._objects[rtype.plural]
+        while prefix and key in store:  # generated names clashed: the real server tries again
+            meta["name"] = _generate_name(prefix)
+            key = (key[0], meta["name"])
         if key in store:
-            raise ApiError(409, "AlreadyExists", f'{rtype.plural} "{meta["name"]}" already exists')
+            raise ApiError(
+                409,
+                "AlreadyExists",
+                f'{rtype.qualified} "{meta["name"]}" already exists',
+                details=rtype.details(meta["name"]),
+            )
         meta.setdefault("uid", str(uuid.uuid4()))
         meta.setdefault("creationTimestamp", _now())
         meta.pop("deletionTimestamp", None)
@@ -614,15 +893,10 @@ class FakeApiServer:
         store = self._objects[rtype.plural]
         old = store.get(key)
         if old is None:
-            raise ApiError(404, "NotFound", f'{rtype.plural} "{meta["name"]}" not found')
+            raise rtype.not_found(meta["name"])
         sent_rv = meta.get("resourceVersion")
         if sent_rv and sent_rv != old["metadata"]["resourceVersion"]:
-            raise ApiError(
-                409,
-                "Conflict",
-                f'Operation cannot be fulfilled on {rtype.plural} "{meta["name"]}": '
-                "the object has been modified",
-            )
+            raise rtype.conflict(meta["name"])
         for kept in ("uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds"):
             if kept in old["metadata"]:
                 meta[kept] = old["metadata"][kept]
@@ -645,13 +919,28 @@ class FakeApiServer:
         return self.create(new)
 
     def patch(self, kind: str, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any]:
-        """JSON merge patch (RFC 7386); ``metadata.deletionTimestamp`` may be set this way too."""
+        """JSON merge patch (RFC 7386); ``metadata.deletionTimestamp`` may be set this way too.
+
+        A ``metadata.resourceVersion`` in the patch is a precondition, as on the real server: a stale
+        one is a 409 Conflict."""
         rtype = self._rtype(kind)
         old = self._objects[rtype.plural].get((namespace, name))
         if old is None:
-            raise ApiError(404, "NotFound", f'{rtype.plural} "{name}" not found')
+            raise rtype.not_found(name)
         merged = _merge_patch(copy.deepcopy(old), patch)
-        merged["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"]
+        if not isinstance(merged.get("metadata"), dict):
+            raise ApiError(400, "BadRequest", "metadata must be an object")
+        for fixed in ("name", "namespace"):
+            if fixed in old["metadata"] and merged["metadata"].get(fixed) != old["metadata"][fixed]:
+                raise ApiError(
+                    400,
+                    "BadRequest",
+                    f"the {fixed} of the object ({merged['metadata'].get(fixed)}) does not match the {fixed} "
+                    f"on the URL ({old['metadata'][fixed]})",
+                )
+        merged["metadata"]["resourceVersion"] = (
+            merged["metadata"].get("resourceVersion") or old["metadata"]["resourceVersion"]
+        )
         deletion = (patch.get("metadata") or {}).get("deletionTimestamp")
         if deletion:
             return self._mark_deleting(rtype, merged, deletion)
@@ -665,7 +954,7 @@ class FakeApiServer:
         key = (namespace, name)
         old = self._objects[rtype.plural].get(key)
         if old is None:
-            raise ApiError(404, "NotFound", f'{rtype.plural} "{name}" not found')
+            raise rtype.not_found(name)
         if old["metadata"].get("finalizers") or (graceful and rtype.kind == "Pod"):
             if "deletionTimestamp" in old["metadata"]:
                 return copy.deepcopy(old)
@@ -698,8 +987,12 @@ class FakeApiServer:
         new["kind"] = rtype.kind
         new["apiVersion"] = rtype.api_version
         meta = new.setdefault("metadata", {})
-        if not isinstance(meta, dict) or not meta.get("name"):
-            raise ApiError(422, "Invalid", f"{rtype.kind}: metadata.name: Required value")
+        if not isinstance(meta, dict):
+            raise ApiError(400, "BadRequest", "metadata must be an object")
+        if not meta.get("name"):
+            raise rtype.invalid(
+                "", [FieldError("metadata.name", "name or generateName is required", required=True)]
+            )
         if rtype.namespaced:
             meta["namespace"] = meta.get("namespace") or "default"
         else:
@@ -708,6 +1001,11 @@ class FakeApiServer:
             data = new.setdefault("data", {})
             for k, v in (new.pop("stringData") or {}).items():
                 data[k] = base64.b64encode(str(v).encode()).decode()
+        check = _KIND_CHECKS.get(rtype.kind)
+        if check is not None:
+            errors = check(new)
+            if errors:
+                raise rtype.invalid(meta["name"], errors)
         return rtype, new
 
     def load(self, documents: Iterable[Mapping[str, Any]]) -> int:
@@ -770,35 +1068,43 @@ class FakeApiServer:
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Callable[..., Any]) -> web.StreamResponse:
         verb = self._verb(request)
-        self.requests.append(
-            RequestRecord(
-                request.method,
-                request.path,
-                dict(request.query),
-                verb,
-                asyncio.get_running_loop().time(),
-                request.headers.get("User-Agent", ""),
-            )
+        plural = request.match_info.get("plural", "")
+        action = _METHOD_VERBS.get(request.method, verb) if verb == "write" else verb
+        record = RequestRecord(
+            request.method,
+            request.path,
+            dict(request.query),
+            verb,
+            asyncio.get_running_loop().time(),
+            request.headers.get("User-Agent", ""),
+            plural,
+            action,
         )
+        self.requests.append(record)
         self._touch()
+        response: web.StreamResponse
         try:
             if self.token is not None and request.headers.get("Authorization") != f"Bearer {self.token}":
                 raise ApiError(401, "Unauthorized", "Unauthorized")
-            if self._failures and verb in self._failures[0].verbs:
-                failure = self._failures.popleft()
-                reason = {429: "TooManyRequests", 503: "ServiceUnavailable"}.get(
-                    failure.status, "InternalError"
-                )
-                raise ApiError(
-                    failure.status,
-                    reason,
-                    f"injected failure ({failure.status})",
-                    retry_after=failure.retry_after,
-                )
-            response: web.StreamResponse = await handler(request)
-            return response
+            if before := self._delay(verb, action, plural, after=False):
+                await asyncio.sleep(before)
+            failure = next((f for f in self._failures if f.scope.matches(verb, action, plural)), None)
+            if failure is not None:
+                self._failures.remove(failure)
+                raise self._injected(failure, request, action, BY_PLURAL.get(plural))
+            response = await handler(request)
         except ApiError as exc:
-            return self._status(exc)
+            response = self._status(exc)
+        record.status = response.status
+        self._touch()
+        if (after := self._delay(verb, action, plural, after=True)) and not response.prepared:
+            await asyncio.sleep(after)
+        return response
+
+    def _delay(self, verb: str, action: str, plural: str, *, after: bool) -> float:
+        return sum(
+            d.seconds for d in self._delays if d.after == after and d.scope.matches(verb, action, plural)
+        )
 
     @staticmethod
     def _status(exc: ApiError) -> web.Response:
@@ -825,26 +1131,32 @@ class FakeApiServer:
         )
 
     @staticmethod
-    def _group_doc() -> dict[str, Any]:
-        gv = {"groupVersion": f"{CRD_GROUP}/{CRD_VERSION}", "version": CRD_VERSION}
+    def _group_doc(group: str) -> dict[str, Any]:
+        versions = sorted({r.version for r in RESOURCES if r.group == group})
+        if not versions:
+            raise ApiError(404, "NotFound", "the server could not find the requested resource")
+        gvs = [{"groupVersion": f"{group}/{v}", "version": v} for v in versions]
         return {
             "kind": "APIGroup",
             "apiVersion": "v1",
-            "name": CRD_GROUP,
-            "versions": [gv],
-            "preferredVersion": gv,
+            "name": group,
+            "versions": gvs,
+            "preferredVersion": gvs[0],
         }
 
     async def _api_groups(self, request: web.Request) -> web.Response:
-        group = self._group_doc()
-        group.pop("kind")
-        group.pop("apiVersion")
-        return web.json_response({"kind": "APIGroupList", "apiVersion": "v1", "groups": [group]})
+        # Built-in groups first, then the CRDs' group, as the real server orders them.
+        names = sorted({r.group for r in RESOURCES if r.group}, key=lambda g: (g == CRD_GROUP, g))
+        groups = []
+        for name in names:
+            group = self._group_doc(name)
+            group.pop("kind")
+            group.pop("apiVersion")
+            groups.append(group)
+        return web.json_response({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
 
     async def _api_group(self, request: web.Request) -> web.Response:
-        if request.match_info["group"] != CRD_GROUP:
-            raise ApiError(404, "NotFound", "the server could not find the requested resource")
-        return web.json_response(self._group_doc())
+        return web.json_response(self._group_doc(request.match_info["group"]))
 
     @staticmethod
     def _resource_list(group_version: str, types: Iterable[ResourceType]) -> dict[str, Any]:
@@ -860,6 +1172,7 @@ class FakeApiServer:
                     "namespaced": t.namespaced,
                     "kind": t.kind,
                     "verbs": verbs,
+                    **({"shortNames": list(t.short_names)} if t.short_names else {}),
                 }
                 for t in types
             ],
@@ -871,11 +1184,10 @@ class FakeApiServer:
 
     async def _resource_list_group(self, request: web.Request) -> web.Response:
         m = request.match_info
-        if m["group"] != CRD_GROUP or m["version"] != CRD_VERSION:
+        types = [r for r in RESOURCES if r.group == m["group"] and r.version == m["version"] and r.group]
+        if not types:
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
-        return web.json_response(
-            self._resource_list(f"{CRD_GROUP}/{CRD_VERSION}", (r for r in RESOURCES if not r.core))
-        )
+        return web.json_response(self._resource_list(f"{m['group']}/{m['version']}", types))
 
     @staticmethod
     def _resolve(request: web.Request) -> ResourceType:
@@ -1063,7 +1375,7 @@ class FakeApiServer:
         m = request.match_info
         obj = self._objects[rtype.plural].get((m.get("namespace", ""), m["name"]))
         if obj is None:
-            raise ApiError(404, "NotFound", f'{rtype.plural} "{m["name"]}" not found')
+            raise rtype.not_found(m["name"])
         return web.json_response(obj)
 
     async def _body(self, request: web.Request) -> dict[str, Any]:
@@ -1099,6 +1411,18 @@ class FakeApiServer:
         rtype = self._resolve(request)
         body = await self._body(request)
         self._check_target(request, rtype, body)
+        meta = body["metadata"]
+        if (meta.get("namespace", ""), meta["name"]) not in self._objects[rtype.plural]:
+            if not rtype.create_on_update:
+                raise rtype.not_found(meta["name"])
+            meta.pop("resourceVersion", None)
+            return web.json_response(self.create(body), status=201)
+        if not meta.get("resourceVersion") and not rtype.unconditional_update:
+            raise rtype.invalid(
+                meta["name"],
+                [FieldError("metadata.resourceVersion", "must be specified for an update", GoLiteral("0x0"))],
+                kind=rtype.qualified,
+            )
         return web.json_response(self.update(body))
 
     async def _patch(self, request: web.Request) -> web.Response:
@@ -1121,8 +1445,28 @@ class FakeApiServer:
     async def _delete(self, request: web.Request) -> web.Response:
         rtype = self._resolve(request)
         m = request.match_info
-        result = self.delete(rtype.plural, m.get("namespace", ""), m["name"], graceful=rtype.kind == "Pod")
-        return web.json_response(result)
+        key = (m.get("namespace", ""), m["name"])
+        options = await self._body(request) if request.can_read_body else {}
+        pre = options.get("preconditions") or {}
+        current = self._objects[rtype.plural].get(key)
+        if current is not None and isinstance(pre, dict):
+            for field_name, label in (("resourceVersion", "ResourceVersion"), ("uid", "UID")):
+                want, have = pre.get(field_name), current["metadata"].get(field_name)
+                if want and want != have:
+                    raise ApiError(
+                        409,
+                        "Conflict",
+                        f'Operation cannot be fulfilled on {rtype.qualified} "{m["name"]}": Precondition '
+                        f"failed: {label} in precondition: {want}, {label} in object meta: {have}",
+                        details=rtype.details(m["name"]),
+                    )
+        result = self.delete(rtype.plural, *key, graceful=rtype.kind == "Pod")
+        if key in self._objects[rtype.plural] or rtype.returns_deleted:
+            return web.json_response(result)
+        details = {**rtype.details(m["name"]), "uid": (result or {}).get("metadata", {}).get("uid", "")}
+        return web.json_response(
+            {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "details": details}
+        )
 
 
 def _merge_patch(target: Any, patch: Any) -> Any:
@@ -1136,6 +1480,137 @@ def _merge_patch(target: Any, patch: Any) -> Any:
         else:
             target[key] = _merge_patch(target.get(key), value)
     return target
+
+
+# --- names, times and per-kind validation ---------------------------------------------------
+
+_NAME_CHARS = "bcdfghjklmnpqrstvwxz2456789"  # apiserver's SimpleNameGenerator alphabet (no vowels)
+
+
+def _generate_name(prefix: str) -> str:
+    return prefix[:58] + "".join(secrets.choice(_NAME_CHARS) for _ in range(5))
+
+
+_RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$")
+_RFC3339_MICRO = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}(Z|[+-]\d{2}:\d{2})$")
+_GO_RFC3339 = "2006-01-02T15:04:05Z07:00"
+_GO_RFC3339_MICRO = "2006-01-02T15:04:05.000000Z07:00"
+
+
+def _parse_time(kind: str, value: str, *, micro: bool) -> datetime.datetime:
+    """Go's ``time.Parse`` of a ``metav1.MicroTime`` (exactly six fractional digits) or a
+    ``metav1.Time`` (RFC 3339, any fraction); a mismatch is the decoder's 400, as the server answers."""
+    pattern, layout = (_RFC3339_MICRO, _GO_RFC3339_MICRO) if micro else (_RFC3339, _GO_RFC3339)
+    parsed: datetime.datetime | None = None
+    if pattern.match(value):
+        with contextlib.suppress(ValueError):
+            parsed = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    if parsed is None:
+        raise ApiError(
+            400,
+            "BadRequest",
+            f'{kind} in version "v1" cannot be handled as a {kind}: parsing time "{value}" as "{layout}"',
+        )
+    return parsed.astimezone(datetime.UTC)
+
+
+def _normalize_times(obj: dict[str, Any], paths: Iterable[str], *, micro: bool) -> None:
+    """Store times as the server writes them back: UTC, ``...:57.123456Z`` or whole seconds ``...:57Z``."""
+    for path in paths:
+        *parents, leaf = path.split(".")
+        holder: Any = obj
+        for part in parents:
+            holder = holder.get(part) if isinstance(holder, dict) else None
+        if not isinstance(holder, dict) or holder.get(leaf) is None:
+            continue
+        value = holder[leaf]
+        if not isinstance(value, str):
+            raise ApiError(400, "BadRequest", f"{obj['kind']}: {path}: a time must be a string")
+        if value == "" and not micro:
+            holder[leaf] = None  # an empty metav1.Time decodes to the zero time, written as null
+            continue
+        when = _parse_time(obj["kind"], value, micro=micro)
+        holder[leaf] = when.strftime("%Y-%m-%dT%H:%M:%S.%fZ" if micro else "%Y-%m-%dT%H:%M:%SZ")
+
+
+def _int_fields(obj: dict[str, Any], section: str, names: Iterable[str]) -> dict[str, Any]:
+    """``obj[section]`` (an object, or 400) whose ``names`` are integers or absent (or 400)."""
+    part = obj.get(section)
+    if part is None:
+        return {}
+    if not isinstance(part, dict):
+        raise ApiError(400, "BadRequest", f"{obj['kind']}: {section} must be an object")
+    for name in names:
+        value = part.get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise ApiError(
+                400,
+                "BadRequest",
+                f'{obj["kind"]} in version "v1" cannot be handled as a {obj["kind"]}: json: cannot unmarshal '
+                f"{type(value).__name__} into Go struct field .{section}.{name} of type int32",
+            )
+    return part
+
+
+def _check_lease(obj: dict[str, Any]) -> list[FieldError]:
+    """``ValidateLeaseSpec``; acquireTime/renewTime are MicroTimes."""
+    spec = _int_fields(obj, "spec", ("leaseDurationSeconds", "leaseTransitions"))
+    _normalize_times(obj, ("spec.acquireTime", "spec.renewTime"), micro=True)
+    errors: list[FieldError] = []
+    holder = spec.get("holderIdentity")
+    if holder is not None and not isinstance(holder, str):
+        raise ApiError(400, "BadRequest", "Lease: spec.holderIdentity must be a string")
+    duration = spec.get("leaseDurationSeconds")
+    if duration is not None and duration <= 0:
+        errors.append(FieldError("spec.leaseDurationSeconds", "must be greater than 0", duration))
+    transitions = spec.get("leaseTransitions")
+    if transitions is not None and transitions < 0:
+        errors.append(FieldError("spec.leaseTransitions", "must be greater than or equal to 0", transitions))
+    return errors
+
+
+def _check_event(obj: dict[str, Any]) -> list[FieldError]:
+    """core/v1 ``legacyValidateEvent``: the only validation the v1 API applies to Events."""
+    _int_fields(obj, "involvedObject", ())
+    _int_fields(obj, "series", ("count",))
+    if obj.get("count") is not None and (not isinstance(obj["count"], int) or isinstance(obj["count"], bool)):
+        raise ApiError(400, "BadRequest", "Event: count must be an integer")
+    _normalize_times(obj, ("firstTimestamp", "lastTimestamp"), micro=False)
+    _normalize_times(obj, ("eventTime", "series.lastObservedTime"), micro=True)
+    namespace = obj["metadata"].get("namespace", "")
+    involved_ns = str((obj.get("involvedObject") or {}).get("namespace") or "")
+    mismatch = FieldError("involvedObject.namespace", "does not match event.namespace", involved_ns)
+    errors: list[FieldError] = []
+    if not obj.get("eventTime"):
+        # An old-style event: the namespaces agree, or the object is cluster-scoped and the event
+        # lives in "default" (for old clients).
+        if (involved_ns and involved_ns != namespace) or (
+            not involved_ns and namespace not in ("", "default")
+        ):
+            errors.append(mismatch)
+        return errors
+    if not involved_ns and namespace not in ("default", "kube-system"):
+        errors.append(mismatch)
+    for name, limit in (
+        ("reportingComponent", 0),
+        ("reportingInstance", 128),
+        ("action", 128),
+        ("reason", 128),
+    ):
+        value = str(obj.get(name) or "")
+        if not value:
+            errors.append(FieldError(name, "", required=True))
+        elif limit and len(value) > limit:
+            errors.append(FieldError(name, f"can have at most {limit} characters", ""))
+    if len(str(obj.get("message") or "")) > 1024:
+        errors.append(FieldError("message", "can have at most 1024 characters", ""))
+    return errors
+
+
+_KIND_CHECKS: dict[str, Callable[[dict[str, Any]], list[FieldError]]] = {
+    "Lease": _check_lease,
+    "Event": _check_event,
+}
 
 
 # --- object builders (tests, benchmark, demo) ------------------------------------------------
@@ -1260,6 +1735,102 @@ def secret(name: str, data: Mapping[str, str], *, namespace: str = "default") ->
         "metadata": {"name": name, "namespace": namespace},
         "type": "Opaque",
         "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()},
+    }
+
+
+def micro_time(when: datetime.datetime | None = None) -> str:
+    """A ``metav1.MicroTime`` as the server writes it: ``2026-12-07T02:32:57.123456Z``."""
+    when = when or datetime.datetime.now(datetime.UTC)
+    return when.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def lease(
+    name: str,
+    *,
+    namespace: str = "default",
+    holder: str | None = None,
+    duration_s: int | None = 15,
+    acquire_time: str | None = None,
+    renew_time: str | None = None,
+    transitions: int | None = None,
+) -> dict[str, Any]:
+    """A ``coordination.k8s.io/v1`` Lease; unset spec fields are left out, as client-go leaves them."""
+    spec: dict[str, Any] = {
+        "holderIdentity": holder,
+        "leaseDurationSeconds": duration_s,
+        "acquireTime": acquire_time,
+        "renewTime": renew_time,
+        "leaseTransitions": transitions,
+    }
+    return {
+        "apiVersion": f"{COORDINATION_GROUP}/v1",
+        "kind": "Lease",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {k: v for k, v in spec.items() if v is not None},
+    }
+
+
+def endpoints(
+    name: str,
+    *,
+    namespace: str = "default",
+    annotations: Mapping[str, str] | None = None,
+    subsets: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """A ``v1`` Endpoints (the old leader-election lock keeps its record in an annotation)."""
+    obj: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "Endpoints",
+        "metadata": {"name": name, "namespace": namespace, "annotations": dict(annotations or {})},
+    }
+    if subsets is not None:
+        obj["subsets"] = copy.deepcopy(subsets)
+    return obj
+
+
+def event(
+    involved: Mapping[str, Any],
+    reason: str,
+    message: str = "",
+    *,
+    type_: str = "Normal",
+    component: str = "standin",
+    name: str | None = None,
+    count: int = 1,
+    at: str | None = None,
+) -> dict[str, Any]:
+    """A core ``v1`` Event about ``involved`` (an object as stored, or a bare reference), in its
+    namespace, as client-go's recorder writes one; ``name`` None gives ``generateName``."""
+    meta = involved.get("metadata") or {}
+    namespace = meta.get("namespace") or involved.get("namespace") or ""
+    ref = {
+        "kind": involved.get("kind", ""),
+        "namespace": namespace,
+        "name": meta.get("name") or involved.get("name", ""),
+        "uid": meta.get("uid") or involved.get("uid", ""),
+        "apiVersion": involved.get("apiVersion", ""),
+        "resourceVersion": meta.get("resourceVersion") or involved.get("resourceVersion", ""),
+    }
+    when = at or _now()
+    metadata: dict[str, Any] = {"namespace": namespace or "default"}
+    if name is None:
+        metadata["generateName"] = f"{ref['name']}."
+    else:
+        metadata["name"] = name
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": metadata,
+        "involvedObject": {k: v for k, v in ref.items() if v},
+        "reason": reason,
+        "message": message,
+        "source": {"component": component},
+        "firstTimestamp": when,
+        "lastTimestamp": when,
+        "count": count,
+        "type": type_,
+        "reportingComponent": "",
+        "reportingInstance": "",
     }
 
 

@@ -69,6 +69,7 @@ from nmi.tokens.credentials import (
     load_credential,
     sign_client_assertion,
 )
+from podidentity.clouds import MICROSOFT_AUTHORITY_HOSTS
 from podidentity.errors import BadRequest, ServiceError, UpstreamRefused, UpstreamUnavailable
 from podidentity.imds.metrics import OP_AAD
 from podidentity.model import AzureIdentity, IdentityType, ObjectKey, Secret
@@ -80,20 +81,6 @@ SecretReader = Callable[[str, str], Awaitable[Secret]]
 """``(namespace, name) -> Secret``; raises on any failure."""
 CredentialsChanged = Callable[[AzureIdentity], None]
 
-MICROSOFT_AUTHORITY_HOSTS = frozenset(
-    {
-        "login.microsoftonline.com",
-        "login.microsoft.com",
-        "login.windows.net",
-        "sts.windows.net",
-        "login.microsoftonline.us",
-        "login-us.microsoftonline.com",
-        "login.usgovcloudapi.net",
-        "login.chinacloudapi.cn",
-        "login.partner.microsoftonline.cn",
-        "login.microsoftonline.de",
-    }
-)
 """Hosts MSAL may validate through Microsoft's instance discovery; any other is a private authority."""
 
 MAX_THROTTLE_RETRIES = 3

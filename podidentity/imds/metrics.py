@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from podidentity.exposition import PlainCounter
+
 PREFIX = "aadpodidentity_"
 IMDS_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1, 2, 3, 4, 5, 10)
 
@@ -26,7 +28,7 @@ class UpstreamMetrics:
             buckets=IMDS_BUCKETS,
             registry=registry,
         )
-        self.imds_errors = Counter(
+        self.imds_errors = PlainCounter(
             PREFIX + "imds_operations_errors_count",
             "Failed upstream token fetches",
             ["operation_type"],

@@ -26,8 +26,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from prometheus_client import Counter
-
 from podidentity.kube.client import KubeClient
 from podidentity.kube.errors import (
     KubeApiError,
@@ -75,11 +73,19 @@ class Resource:
         return params
 
 
+class _Increment(Protocol):
+    def inc(self, amount: float = 1.0) -> None: ...
+
+
+class _ByLabels(Protocol):
+    def labels(self, *values: str, **by_name: str) -> _Increment: ...
+
+
 class WatchMetrics(Protocol):
     """What a watcher records: NMI's ``Metrics`` and MIC's metrics both have it."""
 
     @property
-    def kube_errors(self) -> Counter: ...
+    def kube_errors(self) -> _ByLabels: ...
 
 
 class Sink(Protocol):

@@ -154,7 +154,7 @@ async def test_persistent_500_exhausts_the_attempts_as_unavailable(rig: Rig) -> 
     assert rig.imds.count() == len(BACKOFF) + 1
     assert "500" in caught.value.description and "http" not in caught.value.description
     assert rig.sample("nmi_upstream_retries_total", reason="5xx") == len(BACKOFF)
-    assert rig.sample("aadpodidentity_imds_operations_errors_count_total",
+    assert rig.sample("aadpodidentity_imds_operations_errors_count",
                       operation_type="adal_token_msi_userassignedid") == 1  # fmt: skip
 
 

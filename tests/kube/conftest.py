@@ -69,7 +69,7 @@ class Cache:
 
     def errors(self, operation: str) -> float:
         value = self.metrics.registry.get_sample_value(
-            "aadpodidentity_kubernetes_api_operations_errors_count_total", {"operation_type": operation}
+            "aadpodidentity_kubernetes_api_operations_errors_count", {"operation_type": operation}
         )
         return value or 0.0
 

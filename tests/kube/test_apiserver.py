@@ -215,7 +215,7 @@ async def test_discovery(server: FakeApiServer, http: aiohttp.ClientSession) -> 
     _, api = await _get(http, server, "/api")
     assert api["versions"] == ["v1"]
     _, groups = await _get(http, server, "/apis")
-    assert groups["groups"][0]["name"] == "aadpodidentity.k8s.io"
+    assert [g["name"] for g in groups["groups"]] == ["coordination.k8s.io", "aadpodidentity.k8s.io"]
     _, resources = await _get(http, server, "/apis/aadpodidentity.k8s.io/v1")
     assert {r["name"] for r in resources["resources"]} == {
         "azureidentities",
@@ -224,7 +224,9 @@ async def test_discovery(server: FakeApiServer, http: aiohttp.ClientSession) -> 
         "azurepodidentityexceptions",
     }
     _, core = await _get(http, server, "/api/v1")
-    assert {r["name"] for r in core["resources"]} == {"pods", "secrets"}
+    assert {r["name"] for r in core["resources"]} == {"pods", "secrets", "endpoints", "events"}
+    _, coordination = await _get(http, server, "/apis/coordination.k8s.io/v1")
+    assert [r["name"] for r in coordination["resources"]] == ["leases"]
 
 
 async def test_cli_loads_a_file_and_writes_a_kubeconfig(tmp_path: Path) -> None:

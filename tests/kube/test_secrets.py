@@ -77,7 +77,7 @@ async def test_missing_secret_is_a_404_and_counted(apiserver: FakeApiServer, cli
         await reader.get_secret("default", "sp")
     assert info.value.status == 404
     sample = metrics.registry.get_sample_value(
-        "aadpodidentity_kubernetes_api_operations_errors_count_total", {"operation_type": "get_secret"}
+        "aadpodidentity_kubernetes_api_operations_errors_count", {"operation_type": "get_secret"}
     )
     assert sample == 1
 

@@ -13,7 +13,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from mic.app import App
-from mic.settings import ArmSettings, AzureConfig, MicSettings, ReconcileSettings
+from mic.settings import ArmSettings, AzureConfig, LeaderSettings, MicSettings, ReconcileSettings
 from podidentity.kube.settings import KubeSettings
 from standins import apiserver as k8s
 from standins.apiserver import FakeApiServer
@@ -74,9 +74,13 @@ class Env:
     kubeconfig: Path
     started: list[App]
 
-    async def start_mic(self, **reconcile: Any) -> App:
+    async def start_mic(
+        self, *, instance: str = "mic-0", lease_s: float = 15.0, wait_leader: bool = True, **reconcile: Any
+    ) -> App:
         settings = MicSettings(
             kubeconfig=str(self.kubeconfig),
+            kube=FAST_KUBE,
+            leader=LeaderSettings(instance=instance, namespace="kube-system", duration_s=lease_s),
             azure=AzureConfig(
                 subscription_id=SUB,
                 resource_group=RG,
@@ -101,9 +105,11 @@ class Env:
             prometheus_host="127.0.0.1",
             prometheus_port=0,
         )
-        app = App(settings, registry=CollectorRegistry(), kube=FAST_KUBE, environ={})
+        app = App(settings, registry=CollectorRegistry(), environ={})
         await app.start()
         self.started.append(app)
+        if wait_leader:
+            await until(lambda: app.leading, 5.0, "leadership")
         return app
 
     def aai(self, name: str, namespace: str = "default") -> dict[str, Any] | None:

@@ -85,7 +85,10 @@ async def test_assigns_on_vmss_and_vm_only_after_arm_confirms(env: Env) -> None:
             assert resp.status == 404
         async with http.get(f"http://127.0.0.1:{app.metrics_port}/metrics") as resp:
             text = await resp.text()
-    assert "aadpodidentity_assigned_identity_addition_count_total 2.0" in text
+    # The original's exact names and types: no _total, typed counter (dashboards query these).
+    assert "aadpodidentity_assigned_identity_addition_count 2.0" in text
+    assert "# TYPE aadpodidentity_assigned_identity_addition_count counter" in text
+    assert "_count_total" not in text
     assert (
         'aadpodidentity_cloud_provider_operations_duration_seconds_count{operation_type="vmss_update"}'
         in text

@@ -217,7 +217,7 @@ async def test_wrong_secret_is_refused_without_leaking_it(
     assert "Trace ID" not in exc.description and "\n" not in exc.description
     for text in (str(exc), exc.description, repr(exc), repr(exc.args)):
         assert SECRET not in text
-    errors = "aadpodidentity_imds_operations_errors_count_total"
+    errors = "aadpodidentity_imds_operations_errors_count"
     assert sample(registry, errors, operation_type="adal_token") == 1
 
 
@@ -435,7 +435,7 @@ async def test_secret_read_failure_is_unavailable_and_counted(
         UpstreamUnavailable, match=r"failed to get Kubernetes secret apps/sp-secret: .*forbidden"
     ):
         await fetch(source, identity(aad))
-    kube = "aadpodidentity_kubernetes_api_operations_errors_count_total"
+    kube = "aadpodidentity_kubernetes_api_operations_errors_count"
     assert sample(registry, kube, operation_type="get_secret") == 1
     assert aad.token_call_count() == 0
 
