@@ -26,6 +26,7 @@ from mic.credentials import (
     ReloadingCredential,
     ServicePrincipalArmCredential,
 )
+from mic.events import EventRecorder
 from mic.kube import AaiWriter, watch_set
 from mic.leader import EndpointsLock, LeaderElector, LeaseLock, Lock
 from mic.metrics import MicMetrics
@@ -68,6 +69,8 @@ class App:
         self._work: list[asyncio.Task[None]] = []
         """The reconciler's tasks: running only while this replica leads."""
         self._lock_client: KubeClient | None = None
+        self._events_client: KubeClient | None = None
+        self.events: EventRecorder | None = None
         self._client: KubeClient | None = None
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -93,6 +96,12 @@ class App:
         elector = self.elector = self._make_elector(connection)
         self._writer = AaiWriter(self._client, self.state, self.metrics, may_write=lambda: elector.leading)
         log.info("MIC starting: kubernetes %s (%s); %s", connection.server, connection.source, dumps(s))
+        # Events have a budget of their own too: best effort, never in the way of writes or the lock.
+        self._events_client = KubeClient(connection, dataclasses.replace(self._kube, qps=5.0, burst=10))
+        self.events = EventRecorder(self._events_client, instance=s.leader.instance)
+        self.events.start()
+        recorder = self.events
+        self.metrics.events_dropped.set_function(lambda: recorder.dropped)
         source.start(self._client)
         self._tasks.append(asyncio.create_task(elector.run(), name="mic-leader-election"))
         for task in self._tasks:
@@ -135,6 +144,7 @@ class App:
             azure=s.azure,
             settings=s.reconcile,
             metrics=self.metrics,
+            events=self.events,
         )
         self._work = [
             asyncio.create_task(r.run(), name="mic-reconcile"),
@@ -249,9 +259,14 @@ class App:
         await asyncio.gather(*tasks, return_exceptions=True)
         if was_leading and self.elector is not None:
             await self.elector.release()
-        if self._lock_client is not None:
-            await self._lock_client.close()
-            self._lock_client = None
+        if self.events is not None:
+            with contextlib.suppress(TimeoutError):
+                await self.events.flush(1.0)  # what the last leadership had to say
+            await self.events.stop()
+        for client in (self._lock_client, self._events_client):
+            if client is not None:
+                await client.close()
+        self._lock_client = self._events_client = None
         if self.source is not None:
             await self.source.stop()
         for server in self._servers:

@@ -126,10 +126,10 @@ class ArmClient:
         started = self._clock()
         try:
             status, body, _ = await self._call("GET", target, "read", None)
-        except ArmError:
-            self._metrics.cloud_errors[op].inc()
+        except ArmError as exc:
+            self._failed(op, exc)
             raise
-        self._metrics.cloud_duration[op].observe(self._clock() - started)
+        self._succeeded(op, started)
         if not isinstance(body, dict):
             raise ArmError(status, "InvalidResponse", "the resource is not a JSON object")
         return body
@@ -145,10 +145,18 @@ class ArmClient:
         try:
             _, answer, headers = await self._call("PATCH", target, "write", body)
             await self._wait(target, answer, headers)
-        except ArmError:
-            self._metrics.cloud_errors[op].inc()
+        except ArmError as exc:
+            self._failed(op, exc)
             raise
+        self._succeeded(op, started)
+
+    def _succeeded(self, op: str, started: float) -> None:
         self._metrics.cloud_duration[op].observe(self._clock() - started)
+        self._metrics.arm_requests.labels(op, "success").inc()
+
+    def _failed(self, op: str, exc: ArmError) -> None:
+        self._metrics.cloud_errors[op].inc()
+        self._metrics.arm_requests.labels(op, outcome_of(exc)).inc()
 
     async def _wait(self, target: ArmTarget, answer: Any, headers: Mapping[str, str]) -> None:
         """Follow a PATCH to its end, whatever its status (Compute answers 200 while still Updating):
@@ -254,6 +262,19 @@ class ArmClient:
             log.warning("%s %s: throttled by ARM; no %s calls for %.1fs", method, target, access, wait)
             raise ArmThrottled(until, f"{method} {target}: 429 {message}")
         raise ArmError(status, code, message, retry_after=retry_after)
+
+
+def outcome_of(exc: ArmError) -> str:
+    """A bounded label for a failed call: throttled, transport, refused (4xx), error (5xx), failed."""
+    if isinstance(exc, ArmThrottled):
+        return "throttled"
+    if exc.status == 0:
+        return "transport"
+    if 400 <= exc.status < 500:
+        return "refused"
+    if exc.status >= 500:
+        return "error"
+    return "failed"  # the operation itself ended Failed or Canceled
 
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:

@@ -34,8 +34,19 @@ from mic.arm import (
     identities_named,
 )
 from mic.armbody import identity_patches, user_identities
-from mic.desired import Assignment, desired_assignments, render
+from mic.desired import Assignment, desired_assignments, render, usable
 from mic.diff import TargetWork, diff, plan_work
+from mic.events import (
+    BINDING_APPLIED,
+    BINDING_APPLY_ERROR,
+    BINDING_REMOVE_ERROR,
+    BINDING_REMOVED,
+    INVALID_IDENTITY,
+    NORMAL,
+    STATUS_UPDATE_ERROR,
+    WARNING,
+    Subject,
+)
 from mic.metrics import MicMetrics
 from mic.model import ArmTarget, target_of
 from mic.settings import AzureConfig, ReconcileSettings
@@ -54,6 +65,44 @@ from podidentity.state import ClusterState
 log = logging.getLogger("mic.reconcile")
 
 TargetKey = tuple[str, str, str, str]
+
+
+class EventSink(Protocol):
+    def record(self, subject: Subject, type_: str, reason: str, message: str) -> None: ...
+
+
+class _NoEvents:
+    def record(self, subject: Subject, type_: str, reason: str, message: str) -> None:
+        return None
+
+
+def _aai_subject(aai: AzureAssignedIdentity) -> Subject:
+    return Subject("AzureAssignedIdentity", aai.namespace, aai.name)
+
+
+def _binding_subject(binding: AzureIdentityBinding) -> Subject:
+    return Subject("AzureIdentityBinding", binding.namespace, binding.name)
+
+
+def _arm(error: ArmError) -> str:
+    """ARM's answer as users search for it: the code first (LinkedAuthorizationFailed, 429, ...)."""
+    status = f" (HTTP {error.status})" if error.status >= 400 else ""
+    return f"{error.code}{status}: {error.message}"
+
+
+def _work_of(tw: TargetWork) -> frozenset[str]:
+    """What a VM/VMSS worker is asked to do, to tell new work from a retry of failed work."""
+    return frozenset(
+        [
+            *(f"create {a.key}" for a in tw.create),
+            *(f"update {a.key}" for _, a in tw.update),
+            *(f"confirm {aai.key}" for aai, _ in tw.confirm),
+            *(f"delete {aai.key}" for aai in tw.delete),
+            *(f"remove {rid}" for rid in tw.remove_ids),
+        ]
+    )
+
+
 NODE_GONE: TargetKey = ("", "", "node-gone", "")
 T = TypeVar("T")
 
@@ -103,7 +152,9 @@ class Reconciler:
         azure: AzureConfig,
         settings: ReconcileSettings,
         metrics: MicMetrics,
+        events: EventSink | None = None,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._state = state
         self._nodes = nodes
@@ -114,11 +165,16 @@ class Reconciler:
         self._settings = settings
         self._metrics = metrics
         self._clock = clock
+        self._wall_clock = wall_clock
+        self._events: EventSink = events if events is not None else _NoEvents()
         self._dirty = asyncio.Event()
         self._slots = asyncio.Semaphore(settings.max_concurrent_targets)
         self._workers: dict[TargetKey, asyncio.Task[None]] = {}
         self._retry_at: dict[TargetKey, float] = {}
         self._attempts: dict[TargetKey, int] = {}
+        self._failed_work: dict[TargetKey, frozenset[str]] = {}
+        """What a VM/VMSS worker failed to do: only that waits out the backoff; new work does not."""
+        self._invalid_seen: set[tuple[str, str, str]] = set()
         self._timers: set[asyncio.TimerHandle] = set()
         self._drift_all = False
         self._drift_pending: set[TargetKey] = set()
@@ -198,6 +254,7 @@ class Reconciler:
             force_namespaced=self._settings.force_namespaced,
             clashes=clashes,
         )
+        self._report_invalid_identities()
         for clash in clashes:
             if clash not in self._clashes_seen:
                 self._clashes_seen.add(clash)
@@ -226,10 +283,17 @@ class Reconciler:
             if not (tw.has_changes or (verify and tw.expected_ids)):
                 continue
             pending += 1
-            if key in self._workers or self._retry_at.get(key, 0.0) > now:
-                continue  # the worker's end or the retry timer marks dirty again
+            if key in self._workers:
+                continue  # its end marks dirty again
+            todo = _work_of(tw)
+            if self._retry_at.get(key, 0.0) > now and (
+                todo <= self._failed_work.get(key, frozenset()) or self._arm.gate(tw.target)
+            ):
+                # Backing off what failed (a refused identity, say); anything new for this VM/VMSS
+                # goes at once, unless ARM itself asked us to wait (429).
+                continue
             self._drift_pending.discard(key)
-            self._spawn(key, self._apply(tw, verify=verify), tw.target)
+            self._spawn(key, self._apply(tw, verify=verify), tw.target, todo)
             spawned += 1
         self._drift_pending &= set(work.targets)
         self.pending_targets = pending + work.waiting_for_node
@@ -247,11 +311,43 @@ class Reconciler:
                 pending,
             )
 
-    def _spawn(self, key: TargetKey, job: Awaitable[bool], target: ArmTarget | None) -> None:
-        name = str(target) if target is not None else "node-gone"
-        self._workers[key] = asyncio.create_task(self._worker(key, job, target), name=f"mic-worker-{name}")
+    def _report_invalid_identities(self) -> None:
+        """An AzureIdentity MIC cannot assign is said once per version, in a log line and an Event."""
+        for identity in self._state.all(AzureIdentity):
+            if usable(identity):
+                continue
+            seen = (identity.namespace, identity.name, identity.resource_version)
+            if seen in self._invalid_seen:
+                continue
+            self._invalid_seen.add(seen)
+            message = (
+                f"resourceID {identity.resource_id!r} is not a user-assigned identity ID "
+                "(/subscriptions/<id>/resourcegroups/<group>/providers/Microsoft.ManagedIdentity/"
+                "userAssignedIdentities/<name>): no pod gets this identity"
+            )
+            log.warning("AzureIdentity %s/%s: %s", identity.namespace, identity.name, message)
+            self._events.record(
+                Subject("AzureIdentity", identity.namespace, identity.name),
+                WARNING,
+                INVALID_IDENTITY,
+                message,
+            )
 
-    async def _worker(self, key: TargetKey, job: Awaitable[bool], target: ArmTarget | None) -> None:
+    def _spawn(
+        self,
+        key: TargetKey,
+        job: Awaitable[bool],
+        target: ArmTarget | None,
+        todo: frozenset[str] = frozenset(),
+    ) -> None:
+        name = str(target) if target is not None else "node-gone"
+        self._workers[key] = asyncio.create_task(
+            self._worker(key, job, target, todo), name=f"mic-worker-{name}"
+        )
+
+    async def _worker(
+        self, key: TargetKey, job: Awaitable[bool], target: ArmTarget | None, todo: frozenset[str]
+    ) -> None:
         ok = False
         try:
             async with self._slots:
@@ -266,7 +362,9 @@ class Reconciler:
         if ok:
             self._attempts.pop(key, None)
             self._retry_at.pop(key, None)
+            self._failed_work.pop(key, None)
         else:
+            self._failed_work[key] = todo
             attempt = self._attempts.get(key, 0) + 1
             self._attempts[key] = attempt
             delay = min(
@@ -323,28 +421,46 @@ class Reconciler:
             want.update(tw.expected_ids)
         remove = dict(tw.remove_ids)
         present: set[str] | None = set()
+        errors: dict[str, ArmError] = {}
         if want or remove:
             try:
-                present = await self._sync_arm(target, want, remove)
+                present = await self._sync_arm(target, want, remove, errors)
             except ArmError as exc:
                 log.warning("%s: %s", target, exc)
                 present = None  # Azure's state is unknown: change no AAI that depends on it
+                errors = dict.fromkeys([*want, *remove], exc)
 
         for aai, a in pending:
-            if a.needs_arm and (present is None or a.identity.resource_id_folded not in present):
+            rid = a.identity.resource_id_folded
+            if a.needs_arm and (present is None or rid not in present):
                 ok = False  # stays Created; retried
+                failure = errors.get(rid)
+                if failure is not None:
+                    message = f"binding {a.binding.name} on node {a.node_name} failed: {_arm(failure)}"
+                    self._tell(aai, _binding_subject(a.binding), WARNING, BINDING_APPLY_ERROR, message)
                 continue
             if aai.state != ASSIGNED:
                 try:
                     await self._writer.set_status(aai, ASSIGNED)
                 except Exception as exc:
                     log.warning("%s: cannot mark %s Assigned: %s", target, aai.key, exc)
+                    self._events.record(_aai_subject(aai), WARNING, STATUS_UPDATE_ERROR, str(exc))
                     ok = False
+                    continue
+                self._assigned(a, target)
         for aai in tw.delete:
             rid = aai.identity.resource_id_folded
             detached = rid in remove
+            # A binding lives beside the identity it names.
+            binding = Subject("AzureIdentityBinding", aai.identity.namespace, aai.binding_name)
             if detached and (present is None or rid in present):
                 ok = False  # still on the VM/VMSS: keep the AAI so the removal is retried
+                failure = errors.get(rid)
+                if failure is not None:
+                    message = (
+                        f"binding {binding.name} removal from node {aai.node_name} failed: {_arm(failure)}"
+                    )
+                    self._tell(aai, binding, WARNING, BINDING_REMOVE_ERROR, message)
                 continue
             try:
                 if detached:
@@ -353,10 +469,42 @@ class Reconciler:
             except Exception as exc:
                 log.warning("%s: cannot delete AAI %s: %s", target, aai.key, exc)
                 ok = False
+                continue
+            if detached:
+                message = f"binding {binding.name} removed from node {aai.node_name} for pod {aai.pod_name}"
+                self._tell(aai, binding, NORMAL, BINDING_REMOVED, message)
         return ok
 
-    async def _sync_arm(self, target: ArmTarget, want: dict[str, str], remove: dict[str, str]) -> set[str]:
-        """Make ``want`` present and ``remove`` absent; returns the folded IDs now on the VM/VMSS."""
+    def _tell(
+        self, aai: AzureAssignedIdentity, binding: Subject, type_: str, reason: str, message: str
+    ) -> None:
+        """The same event on the AAI and on its binding, where ``kubectl describe`` shows them."""
+        self._events.record(_aai_subject(aai), type_, reason, message)
+        if binding.name:
+            self._events.record(binding, type_, reason, message)
+
+    def _assigned(self, a: Assignment, target: ArmTarget) -> None:
+        message = f"binding {a.binding.name} applied on node {a.node_name} for pod {a.pod_name}"
+        self._events.record(
+            Subject("AzureAssignedIdentity", a.namespace, a.name), NORMAL, BINDING_APPLIED, message
+        )
+        self._events.record(_binding_subject(a.binding), NORMAL, BINDING_APPLIED, message)
+        pod = self._state.get(Pod, a.pod_key)
+        if pod is not None and pod.created_at > 0:
+            latency = self._wall_clock() - pod.created_at
+            if 0 <= latency < 86_400:  # a pod older than a day was re-assigned, not started
+                self._metrics.assignment_latency.observe(latency)
+
+    async def _sync_arm(
+        self,
+        target: ArmTarget,
+        want: dict[str, str],
+        remove: dict[str, str],
+        errors: dict[str, ArmError],
+    ) -> set[str]:
+        """Make ``want`` present and ``remove`` absent; returns the folded IDs now on the VM/VMSS.
+
+        ``errors`` learns, per folded ID, the ARM error that kept it from being applied."""
         resource = await self._arm.get(target)
         if _provisioning(resource) == "deleting":
             raise ArmError(409, "Deleting", f"{target} is being deleted")
@@ -380,6 +528,8 @@ class Reconciler:
                     if exc.code in (LINKED_AUTHORIZATION_FAILED, FAILED_IDENTITY_OPERATION)
                     else set()
                 )
+                for f in named:
+                    errors[f] = exc
                 kept_add = {f: r for f, r in to_add.items() if f not in named}
                 kept_remove = {f: r for f, r in to_remove.items() if f not in named}
                 if not named or (len(kept_add), len(kept_remove)) == (len(to_add), len(to_remove)):
@@ -398,6 +548,8 @@ class Reconciler:
                 resource = await self._arm.get(target)
         if failed is None:
             return (present | set(to_add)) - set(to_remove)
+        for f in [*to_add, *to_remove]:
+            errors.setdefault(f, failed)
         # Resolve per identity from what Azure now holds (mic-spec §3.5 step 4).
         return _settled(target, await self._arm.get(target))
 

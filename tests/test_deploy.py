@@ -58,9 +58,23 @@ def test_mic_deployment_arguments_are_accepted(tmp_path: Path) -> None:
     azure_json.write_text(
         '{"subscriptionId": "s", "resourceGroup": "rg", "useManagedIdentityExtension": true}'
     )
-    args = [a.replace("/etc/kubernetes/azure.json", str(azure_json)) for a in container["args"]]
+    args = [
+        a.replace("/etc/kubernetes/azure.json", str(azure_json)).replace("$(POD_NAME)", "mic-7d9f")
+        for a in container["args"]
+    ]
     settings = parse_mic(args, environ={})
     assert container["livenessProbe"]["httpGet"]["port"] == settings.http_probe_port
+    assert deployment["spec"]["replicas"] == 2
+    assert settings.leader.instance == "mic-7d9f" and settings.leader.namespace == "kube-system"
+    # RBAC for exactly what leader election and Events need, the lock only in MIC's namespace.
+    role = next(d for d in docs("mic.yaml") if d["kind"] == "Role")
+    assert role["metadata"]["namespace"] == settings.leader.namespace
+    named = [r for r in role["rules"] if r.get("resourceNames")]
+    assert {n for r in named for n in r["resourceNames"]} == {settings.leader.name}
+    assert {r for rule in role["rules"] for r in rule["resources"]} == {"leases", "endpoints"}
+    cluster_role = next(d for d in docs("mic.yaml") if d["kind"] == "ClusterRole")
+    events = [r for r in cluster_role["rules"] if "events" in r["resources"]]
+    assert events and set(events[0]["verbs"]) == {"create", "patch"}
     exception = next(d for d in docs("mic.yaml") if d["kind"] == "AzurePodIdentityException")
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert any(labels.get(k) == v for k, v in exception["spec"]["podLabels"].items())
