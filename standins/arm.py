@@ -44,12 +44,14 @@ import base64
 import copy
 import itertools
 import json
+import ssl
 import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+import trustme
 from aiohttp import web
 
 VM = "virtualMachines"
@@ -190,7 +192,10 @@ class ArmStandIn:
         patch_status: int = 200,
         lro_headers: tuple[str, ...] = (ASYNC_OPERATION, LOCATION),
         tenant_id: str = "72f988bf-0000-4000-8000-000000000000",
+        ca: trustme.CA | None = None,
     ) -> None:
+        self.ca = ca
+        """When set, ARM is served over HTTPS with a certificate of this CA (a private cloud's)."""
         self.token = token
         """When set, requests must carry exactly ``Bearer <token>``; otherwise any non-empty bearer."""
         self.expect_audience = expect_audience
@@ -226,7 +231,7 @@ class ArmStandIn:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.ca is not None else 'http'}://{self.host}:{self.port}"
 
     @staticmethod
     def _key(kind: str, subscription: str, resource_group: str, name: str) -> tuple[str, str, str, str]:
@@ -374,7 +379,11 @@ class ArmStandIn:
         app.router.add_route("GET", "/locations/{op}", self._location)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await self._runner.setup()
-        await web.TCPSite(self._runner, host, port).start()
+        context = None
+        if self.ca is not None:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            self.ca.issue_cert(host, "localhost").configure_cert(context)
+        await web.TCPSite(self._runner, host, port, ssl_context=context).start()
         self.host, self.port = self._runner.addresses[0][:2]
         return self
 
