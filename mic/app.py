@@ -135,6 +135,7 @@ class App:
         source, writer, arm = self.source, self._writer, self._arm
         assert source is not None and writer is not None and arm is not None
         self.metrics.new_leader.inc()
+        self.metrics.leader.set(1)
         r = self.reconciler = Reconciler(
             state=self.state,
             nodes=lambda: {n.name: n for n in self.state.all(Node)},
@@ -158,6 +159,7 @@ class App:
         r.mark_dirty()
 
     async def _step_down(self) -> None:
+        self.metrics.leader.set(0)
         work, self._work = self._work, []
         for task in work:
             task.remove_done_callback(_report_exit)

@@ -87,6 +87,9 @@ class MicMetrics:
             ["operation_type", "outcome"],
             registry=registry,
         )
+        self.leader = Gauge(
+            "mic_leader", "1 on the replica that holds the leader lock, 0 on standbys", registry=registry
+        )
         self.events_dropped = Gauge(
             "mic_events_dropped", "Kubernetes Events dropped because their queue was full", registry=registry
         )

@@ -214,6 +214,20 @@ class App:
         if settings.iptables.manage:
             await self._start_iptables()
         self._started = True
+        kube = self._kube
+        if kube is not None and settings.cluster.startup_taint:
+            from nmi.gating import ungate_when_ready
+
+            probes = Probes(self.checks)
+            self._spawn(
+                ungate_when_ready(
+                    lambda: kube.client,
+                    settings.cluster.node_name,
+                    settings.cluster.startup_taint,
+                    lambda: probes.report(readiness=True)[0],
+                ),
+                "startup-gating",
+            )
         self.metrics_server = HttpServer(settings.server, MetricsEndpoint(self.registry), name="metrics")
         try:
             await self.metrics_server.start(obs.metrics_address, obs.prometheus_port)

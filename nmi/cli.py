@@ -69,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("cluster")
     g.add_argument("--cluster-state", default=None, help="YAML file of objects instead of the Kubernetes API")
     g.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"))
+    g.add_argument(
+        "--startup-taint",
+        default=ClusterSettings().startup_taint,
+        help="taint key removed from this node once NMI is ready (empty: none)",
+    )
     flag(g, "--enableScaleFeatures", True, "watch only this node's AzureAssignedIdentities")
     g = p.add_argument_group("iptables")
     flag(g, "--manage-iptables", True, "install and reconcile the interception rules")
@@ -174,6 +179,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
             node_name=args.node,
             cluster_state_path=args.cluster_state,
             kubeconfig=args.kubeconfig,
+            startup_taint=args.startup_taint,
             enable_scale_features=args.enableScaleFeatures,
         ),
         iptables=IptablesSettings(

@@ -74,6 +74,8 @@ class ClusterSettings:
     cluster_state_poll_s: float = 1.0
     kubeconfig: str | None = None
     enable_scale_features: bool = True
+    startup_taint: str = "nmi.aadpodidentity.k8s.io/agent-not-ready"
+    """Removed from this node once NMI is ready (``--startup-taint``; empty: leave taints alone)."""
     watch_broken_threshold_s: float = 30.0
     """A watch failing this long makes ``/readyz`` say not ready (tokens keep being served)."""
 

@@ -97,6 +97,11 @@ class KubeSource:
         self.secrets = SecretReader(self._kube, metrics)
 
     @property
+    def client(self) -> KubeClient | None:
+        """The API client, once ``start`` made it."""
+        return self._client
+
+    @property
     def resources(self) -> list[Resource]:
         return list(self.watches.resources)
 

@@ -40,6 +40,7 @@ class Mic:
     def __init__(self, name: str, env: Env, tmp: Path) -> None:
         self.name = name
         self.probe = _free_port()
+        self.metrics = _free_port()
         azure = tmp / "azure.json"
         azure.write_text(
             json.dumps({"subscriptionId": SUB, "resourceGroup": RG, "cloud": "AzurePublicCloud"})
@@ -59,7 +60,7 @@ class Mic:
             "--leader-election-namespace=kube-system",
             f"--leader-election-duration={LEASE_S}s",
             f"--http-probe-port={self.probe}",
-            f"--prometheus-port={_free_port()}",
+            f"--prometheus-port={self.metrics}",
         ]
         self.proc = subprocess.Popen(argv, stdout=self.log.open("wb"), stderr=subprocess.STDOUT)
 
@@ -151,6 +152,12 @@ async def test_a_killed_leader_is_replaced_within_one_lease_and_the_standby_fini
     assert uami("id-b").casefold() in env.pool_ids()
     status, health = await standby.health()
     assert status == 200 and health["leader_election"]["role"] == "leader"
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{standby.metrics}/metrics") as resp,
+    ):
+        text = await resp.text()
+    assert "mic_leader 1.0" in text and "aadpodidentity_mic_new_leader_election_count 1.0" in text
 
 
 async def test_sigterm_releases_the_lock_for_a_fast_handover(env: Env, two_mics: tuple[Mic, Mic]) -> None:

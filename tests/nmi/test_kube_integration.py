@@ -3,121 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import pytest
 
-from nmi.app import App
-from nmi.settings import (
-    ClusterSettings,
-    IdentitySettings,
-    IptablesSettings,
-    ObservabilitySettings,
-    ServerSettings,
-    Settings,
-    UpstreamSettings,
-)
-from podidentity.kube.settings import KubeSettings
 from podidentity.model import AzureAssignedIdentity
 from standins import apiserver as k8s
-from standins.apiserver import FakeApiServer
-from standins.imds import ImdsStandIn
-from tests.nmi.conftest import Reply, http, token_path
+from tests.nmi.conftest import CLIENT_A, CLIENT_B, NODE, Cluster, Reply, eventually, http
 
 pytestmark = pytest.mark.timeout(60)
 
-NODE = "node-a"
-CLIENT_A = "aaaaaaaa-0000-0000-0000-00000000000a"
-CLIENT_B = "bbbbbbbb-0000-0000-0000-00000000000b"
-FAST = KubeSettings(
-    qps=0,
-    connect_timeout_s=1.0,
-    request_timeout_s=2.0,
-    inactivity_timeout_s=0.5,
-    backoff_initial_s=0.05,
-    backoff_max_s=0.3,
-    secret_ttl_s=0.5,
-)
-
-
-@dataclass
-class Cluster:
-    api: FakeApiServer
-    imds: ImdsStandIn
-    app: App
-
-    async def get(self, src: str, path: str | None = None) -> Reply:
-        assert self.app.server is not None
-        return await http(self.app.server.port, path or token_path(), src=src)
-
-    async def ready(self) -> Reply:
-        assert self.app.probe_server is not None
-        return await http(self.app.probe_server.port, "/readyz", src="127.0.0.1")
-
-
-@pytest.fixture
-async def cluster_factory(tmp_path: Path) -> AsyncIterator[Any]:
-    made: list[Cluster] = []
-
-    async def make(
-        mode: str = "standard", objects: tuple[dict[str, Any], ...] | list[dict[str, Any]] = ()
-    ) -> Cluster:
-        api = FakeApiServer(tls=True, token="t0ken", bookmark_interval_s=0.1)
-        await api.start()
-        api.load(objects)
-        imds = ImdsStandIn()
-        imds.add_identity(CLIENT_A)
-        imds.add_identity(CLIENT_B)
-        await imds.start("127.0.0.1", 0)
-        kubeconfig = api.write_kubeconfig(tmp_path / f"kubeconfig-{len(made)}")
-        settings = Settings(
-            server=ServerSettings(port=0),
-            upstream=UpstreamSettings(metadata_ip="127.0.0.1", metadata_port=imds.port),
-            identity=IdentitySettings(
-                operation_mode=mode,
-                force_namespaced=mode == "managed",  # type: ignore[arg-type]
-                pod_wait_timeout_s=3.0,
-                identity_wait_timeout_s=1.0,
-            ),
-            observability=ObservabilitySettings(
-                prometheus_port=0, probe_port=0, probe_address="127.0.0.1", metrics_address="127.0.0.1"
-            ),
-            cluster=ClusterSettings(node_name=NODE, kubeconfig=str(kubeconfig), watch_broken_threshold_s=0.5),
-            iptables=IptablesSettings(manage=False),
-            kube=FAST,
-        )
-        app = App(settings)
-        cluster = Cluster(api, imds, app)
-        made.append(cluster)
-        await app.start()
-        for _ in range(300):
-            if app.state.synced:
-                break
-            await asyncio.sleep(0.01)
-        assert app.state.synced
-        return cluster
-
-    yield make
-    for c in made:
-        await c.app.stop()
-        await c.imds.stop()
-        await c.api.stop()
-
-
 ID_A = k8s.azure_identity("id-a", client_id=CLIENT_A)
 ID_B = k8s.azure_identity("id-b", client_id=CLIENT_B)
-
-
-async def eventually(check: Any, timeout: float = 5.0) -> Any:
-    for _ in range(int(timeout / 0.02)):
-        result = await check()
-        if result:
-            return result
-        await asyncio.sleep(0.02)
-    return await check()
 
 
 async def test_pod_request_before_watch_event_is_served(cluster_factory) -> None:
