@@ -70,6 +70,7 @@ class App:
         self.state = ClusterState()
         self.audit = AuditLog(settings.observability.audit_lines_per_s)
         self.cache = TokenCache(settings.cache, self.metrics)
+        self._limiter = UpstreamLimiter(settings.upstream.max_concurrent, settings.upstream.rate_per_s)
         self.sources: dict[IdentityType, TokenSource] = {}
         self.warmup = WarmStart(settings, self.state, self.cache, lambda: self.sources)
         self.server: HttpServer | None = None
@@ -103,7 +104,7 @@ class App:
 
     def _sources(self, session: aiohttp.ClientSession) -> dict[IdentityType, TokenSource]:
         upstream = self.settings.upstream
-        limiter = UpstreamLimiter(upstream.max_concurrent, upstream.rate_per_s)
+        limiter = self._limiter
         sources: dict[IdentityType, TokenSource] = {
             IdentityType.USER_ASSIGNED_MSI: ImdsTokenSource(
                 upstream, session, limiter, self.metrics.upstream, user_agent=user_agent(self.settings)
@@ -200,7 +201,14 @@ class App:
         if self._kube is not None:
             await self._kube.start()
         self.sources = self._sources(self._session)
-        service = TokenService(settings, self.state, self.cache, self.sources, self.metrics)
+        service = TokenService(
+            settings,
+            self.state,
+            self.cache,
+            self.sources,
+            self.metrics,
+            retry_hint=self._limiter.retry_after_hint,
+        )
         handler = NmiHandler(
             settings,
             service,

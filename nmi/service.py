@@ -44,6 +44,7 @@ MULTIPLE_IDENTITIES = (
     "in the token request"
 )
 MAX_OBJECT_IDS = 100_000
+DEFAULT_RETRY_AFTER_S = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,8 +72,10 @@ class TokenService:
         *,
         clock: Callable[[], float] = time.time,
         loop: asyncio.AbstractEventLoop | None = None,
+        retry_hint: Callable[[], float] = lambda: DEFAULT_RETRY_AFTER_S,
     ) -> None:
         self._settings = settings
+        self._retry_hint = retry_hint
         self._identity = settings.identity
         self.state = state
         self.cache = cache
@@ -256,13 +259,19 @@ class TokenService:
         if source is None:
             kind = identity.type if identity is not None else "node"
             raise UpstreamUnavailable(f"identity type {kind} is not supported on this node")
-        token = await self.cache.get(
-            request,
-            source,
-            deadline=deadline,
-            # A pod's share of the node's upstream budget is taken only by its misses.
-            admit=lambda: self._callers.hold(caller, deadline=deadline),
-        )
+        try:
+            token = await self.cache.get(
+                request,
+                source,
+                deadline=deadline,
+                # A pod's share of the node's upstream budget is taken only by its misses.
+                admit=lambda: self._callers.hold(caller, deadline=deadline),
+            )
+        except UpstreamUnavailable as exc:
+            if exc.retry_after is None:
+                # Every 503 says when to come back: the upstream's pause, or the queue's turn.
+                exc.retry_after = max(1.0, self._retry_hint())
+            raise
         if identity is not None and not request.tenant_id:
             self._remember_object_id(identity, token)
         return token

@@ -56,11 +56,15 @@ class Faults:
     """The next N token requests get their connection closed without an answer."""
     failures: deque[Failure] = field(default_factory=deque)
     """One queued failure per upcoming token request."""
+    outage: Failure | None = None
+    """While set, every token request gets this answer (an episode, rather than N failures); a
+    negative status resets every connection instead."""
 
     def clear(self) -> None:
         self.delay_s = 0.0
         self.drop = 0
         self.failures.clear()
+        self.outage = None
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -274,8 +274,10 @@ class ImdsStandIn:
 
     async def _token_admitted(self, request: web.Request, record: TokenRequestRecord) -> web.StreamResponse:
         faults = self.faults
-        if faults.drop > 0:
-            faults.drop -= 1
+        resetting = faults.outage is not None and faults.outage.status < 0
+        if faults.drop > 0 or resetting:
+            if not resetting:
+                faults.drop -= 1
             record.status = -1
             if request.transport is not None:
                 request.transport.abort()
@@ -284,8 +286,9 @@ class ImdsStandIn:
             await self._until_stopping(self._gate.wait(), None)
         if faults.delay_s > 0:
             await self._until_stopping(None, faults.delay_s)
-        if faults.failures:
-            failure = faults.failures.popleft()
+        if faults.failures or faults.outage is not None:
+            failure = faults.failures.popleft() if faults.failures else faults.outage
+            assert failure is not None
             error, description = FAULT_ERRORS.get(failure.status, ("server_error", "Injected failure."))
             body = {"error": failure.error or error, "error_description": failure.description or description}
             headers = (

@@ -15,6 +15,7 @@ and timeouts are ``UpstreamUnavailable`` too. No description ever carries the up
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -95,6 +96,7 @@ class ImdsTokenSource:
         )
         self._headers = {"Metadata": "true", "User-Agent": user_agent}
         self._backoff = settings.retry_backoff_s
+        self._recovered = asyncio.Event()
         # Resolved once: .labels() locks and allocates on every call.
         self._durations = {op: metrics.imds_operations.labels(op) for op in (OP_MSI, OP_MSI_USER_ASSIGNED)}
         self._errors = {op: metrics.imds_errors.labels(op) for op in (OP_MSI, OP_MSI_USER_ASSIGNED)}
@@ -141,6 +143,7 @@ class ImdsTokenSource:
                 )
             else:
                 if answer.status == 200:
+                    self._answered()
                     return self._token(answer, request)
                 transient = _transient(answer.status)
                 error, description = _error_of(answer)
@@ -163,11 +166,12 @@ class ImdsTokenSource:
                 raise failure
             log.info("IMDS attempt #%d/%d failed (%s); will retry in %.2fs", attempt, attempts, reason, wait)
             self._retries[reason].inc()
-            await asyncio.sleep(wait)
+            await self._back_off(wait)
         raise AssertionError("unreachable: the last attempt always returns or raises")
 
     async def _attempt(self, query: Mapping[str, str], deadline: float) -> _Answer:
-        async with self._limiter.slot(deadline=deadline):
+        # Ranked by what is fetched, so each waiting identity gets its turn (see the limiter).
+        async with self._limiter.slot(deadline=deadline, key=tuple(query.items())):
             loop = self.loop
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -177,6 +181,20 @@ class ImdsTokenSource:
             timeout = aiohttp.ClientTimeout(
                 total=None, sock_connect=min(self._settings.connect_timeout_s, per_attempt)
             )
+            sends = 0
+
+            async def every_send_counts(
+                req: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType
+            ) -> aiohttp.ClientResponse:
+                # aiohttp sends an idempotent request once more when its connection breaks: that is
+                # another call to IMDS, so it spends the budget as any other (a reset storm must not
+                # double the node's rate).
+                nonlocal sends
+                sends += 1
+                if sends > 1:
+                    await self._limiter.charge(deadline=deadline)
+                return await handler(req)
+
             self._in_flight.inc()
             try:
                 async with asyncio.timeout(per_attempt):
@@ -185,11 +203,23 @@ class ImdsTokenSource:
                         headers=self._headers,
                         allow_redirects=False,
                         timeout=timeout,
+                        middlewares=(every_send_counts,),
                     ) as response:
                         body = await _read_capped(response)
                         return _Answer(response.status, body, self._retry_after(response.headers))
             finally:
                 self._in_flight.dec()
+
+    def _answered(self) -> None:
+        # IMDS answers again: every fetch sleeping in its backoff tries at once (the limiter still
+        # paces them), so a pod whose fetch failed during the outage does not wait out a 4 s step.
+        recovered, self._recovered = self._recovered, asyncio.Event()
+        recovered.set()
+
+    async def _back_off(self, wait: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait):
+                await self._recovered.wait()
 
     def _pause_for(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:

@@ -196,3 +196,74 @@ async def test_cancelled_waiter_leaves_the_queue() -> None:
 def test_zero_concurrency_is_rejected() -> None:
     with pytest.raises(ValueError, match="max_concurrent"):
         UpstreamLimiter(0, 1.0)
+
+
+# --- fairness between keys (upstream outages) ------------------------------------------------------
+
+
+async def test_round_robin_fewest_turns_first_then_longest_waiting() -> None:
+    limiter = UpstreamLimiter(1, 0)
+    order: list[str] = []
+    gate = asyncio.Event()
+
+    async def worker(key: str) -> None:
+        async with limiter.slot(deadline=now() + 5, key=key):
+            order.append(key)
+            await gate.wait()
+
+    # "a" and "b" had a turn each ("a" first); "new" had none. Queued b, a, new, they are served
+    # new (no turn yet), then a (its turn is older), then b.
+    for key in ("a", "b"):
+        async with limiter.slot(deadline=now() + 5, key=key):
+            pass
+    blocker = asyncio.create_task(worker("blocker"))
+    await asyncio.sleep(0)
+    tasks = [asyncio.create_task(worker(key)) for key in ("b", "a", "new")]
+    await asyncio.sleep(0)
+    gate.set()
+    await asyncio.gather(blocker, *tasks)
+    assert order == ["blocker", "new", "a", "b"]
+
+
+async def test_a_key_keeps_its_place_when_its_caller_gives_up_and_asks_again() -> None:
+    limiter = UpstreamLimiter(1, 0)
+    gate = asyncio.Event()
+    order: list[str] = []
+
+    async def worker(key: str, deadline: float) -> None:
+        async with limiter.slot(deadline=deadline, key=key):
+            order.append(key)
+            await gate.wait()
+
+    blocker = asyncio.create_task(worker("blocker", now() + 5))
+    await asyncio.sleep(0)
+    impatient = asyncio.create_task(worker("early", now() + 0.05))
+    await asyncio.sleep(0)
+    later = asyncio.create_task(worker("late", now() + 5))
+    with pytest.raises(SlotTimeout):
+        await impatient  # its SDK timed out...
+    again = asyncio.create_task(worker("early", now() + 5))  # ...and asked again, after "late"
+    await asyncio.sleep(0)
+    gate.set()
+    await asyncio.gather(blocker, later, again)
+    assert order == ["blocker", "early", "late"]
+
+
+async def test_a_refusal_says_when_to_come_back() -> None:
+    limiter = UpstreamLimiter(1, 10.0)
+    limiter.pause_until(now() + 3.0)
+    with pytest.raises(SlotTimeout) as caught:
+        async with limiter.slot(deadline=now() + 0.05, key="k"):
+            pass
+    assert caught.value.retry_after is not None and 2.5 < caught.value.retry_after <= 3.0
+
+
+async def test_a_resend_inside_a_slot_spends_a_rate_token() -> None:
+    limiter = UpstreamLimiter(5, 10.0, burst=2)
+    async with limiter.slot(deadline=now() + 5, key="k"):  # one token
+        started = now()
+        await limiter.charge(deadline=now() + 5)  # the second
+        await limiter.charge(deadline=now() + 5)  # a third: waits for the refill (0.1 s)
+        assert now() - started >= 0.08
+    with pytest.raises(SlotTimeout):
+        await limiter.charge(deadline=now() + 0.01)

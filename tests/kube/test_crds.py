@@ -168,7 +168,7 @@ def _with(obj: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
 _DELETE = object()
 _MSI = azure_identity("demo", client_id=CLIENT_ID, resource_id=RESOURCE_ID)
 INVALID = {
-    "type-3": _with(_MSI, "spec.type", 3),
+    "type-4": _with(_MSI, "spec.type", 4),
     "type-as-string": _with(_MSI, "spec.type", "0"),
     "clientID-not-guid": _with(_MSI, "spec.clientID", "my-app"),
     "clientID-missing": _with(_MSI, "spec.clientID", _DELETE),
