@@ -1,4 +1,4 @@
-"""Compare the nat table with a ``RuleSpec``; say what is wrong and which restore input fixes it.
+"""Compare the nat (and raw) tables with a ``RuleSpec``; say what is wrong and which restore input fixes it.
 
 Policy, stricter than the original NMI (which only checked the chain's first rules and the
 jump's existence, nmi-spec §4.1 and §4.2):
@@ -17,6 +17,9 @@ The payload is for ``iptables-restore --noflush``: other chains are untouched, d
 chain flushes it, and the whole table commits atomically so the jump never goes missing while
 it is being moved. Deletions name rules by their text, so a concurrent edit makes the restore
 fail (and the caller retry from a fresh read) rather than delete the wrong rule.
+
+Each table is planned on its own and gets its own ``*table ... COMMIT`` section; one restore
+input carries them all (nat first). A table not given is treated as empty.
 """
 
 from __future__ import annotations
@@ -24,10 +27,14 @@ from __future__ import annotations
 import enum
 import itertools
 import shlex
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from iptables.rules import TABLE, Hook, RuleSpec
+from iptables.rules import TABLES, Hook, RuleSpec
 from iptables.savefile import Table
+
+Tables = Table | Mapping[str, Table]
+"""One parsed table, or parsed tables by name."""
 
 _JUMP_FLAGS = frozenset({"-j", "--jump", "-g", "--goto"})
 
@@ -103,10 +110,24 @@ class _Plan:
         # well would make the restore fail.
         into.extend(f"-D {chain} {rule}" for chain, _, rule in jumps if chain not in self.flushed)
 
-    def drift(self) -> Drift:
-        lines = self.rewrites + self.jump_fixes + self.removals
-        payload = "\n".join([f"*{TABLE}", *lines, "COMMIT"]) + "\n" if lines else None
-        return Drift(tuple(self.findings), payload)
+    def lines(self) -> list[str]:
+        return self.rewrites + self.jump_fixes + self.removals
+
+    def section(self) -> str | None:
+        lines = self.lines()
+        return "\n".join([f"*{self.table.name}", *lines, "COMMIT"]) + "\n" if lines else None
+
+
+def _by_name(tables: Tables) -> dict[str, Table]:
+    if isinstance(tables, Table):
+        return {tables.name: tables}
+    return dict(tables)
+
+
+def _combine(plans: list[_Plan]) -> Drift:
+    findings = tuple(finding for plan in plans for finding in plan.findings)
+    sections = [section for plan in plans if (section := plan.section()) is not None]
+    return Drift(findings, "".join(sections) or None)
 
 
 def _check_chain(plan: _Plan, hook: Hook) -> None:
@@ -154,12 +175,11 @@ def _remove_chain(plan: _Plan, chain: str, finding: Problem | None) -> None:
         plan.removals.extend((f"-F {chain}", f"-X {chain}"))
 
 
-def detect(table: Table, spec: RuleSpec) -> Drift:
-    """What differs between ``table`` (the parsed nat table) and ``spec``, and the fix."""
+def _detect_table(table: Table, spec: RuleSpec) -> _Plan:
     plan = _Plan(table)
-    hooks = spec.hooks()
+    hooks = spec.hooks(table.name)
     wanted = {hook.chain for hook in hooks}
-    stale = [chain for chain in spec.managed_chains() if chain not in wanted]
+    stale = [chain for chain in spec.managed_chains(table.name) if chain not in wanted]
     # Stale chains first: they are flushed, which decides which jump deletions are still needed.
     plan.flushed.update(chain for chain in stale if chain in table.chains)
     for hook in hooks:
@@ -168,20 +188,35 @@ def detect(table: Table, spec: RuleSpec) -> Drift:
         _check_jump(plan, hook)
     for chain in stale:
         _remove_chain(plan, chain, Problem.STALE_CHAIN)
-    return plan.drift()
+    return plan
 
 
-def removal(table: Table, spec: RuleSpec) -> str | None:
+def detect(tables: Tables, spec: RuleSpec) -> Drift:
+    """What differs between the parsed tables and ``spec``, and the fix.
+
+    With a single ``Table`` only that table is compared; with a mapping, every table NMI may
+    own is (a missing one counts as empty).
+    """
+    given = _by_name(tables)
+    names = [tables.name] if isinstance(tables, Table) else list(TABLES)
+    return _combine([_detect_table(given.get(name) or Table(name), spec) for name in names])
+
+
+def removal(tables: Tables, spec: RuleSpec) -> str | None:
     """Restore input deleting every jump to the managed chains and the chains themselves."""
-    plan = _Plan(table)
-    plan.flushed.update(chain for chain in spec.managed_chains() if chain in table.chains)
-    for chain in spec.managed_chains():
-        _remove_chain(plan, chain, None)
-    return plan.drift().payload
+    plans = []
+    for name, table in _by_name(tables).items():
+        plan = _Plan(table)
+        managed = spec.managed_chains(name)
+        plan.flushed.update(chain for chain in managed if chain in table.chains)
+        for chain in managed:
+            _remove_chain(plan, chain, None)
+        plans.append(plan)
+    return _combine(plans).payload
 
 
 def render_install(spec: RuleSpec) -> str:
-    """The restore input that installs ``spec`` into a nat table holding none of its rules."""
-    payload = detect(Table(TABLE), spec).payload
+    """The restore input that installs ``spec`` into tables holding none of its rules."""
+    payload = detect({name: Table(name) for name in TABLES}, spec).payload
     assert payload is not None  # an empty table always lacks the chains
     return payload

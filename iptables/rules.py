@@ -18,6 +18,15 @@ Host-network traffic (OUTPUT, opt-in)
     (``-m cgroup --path``, cgroup v2 paths relative to the unified hierarchy's root), which a
     pod cannot enter.
 
+Anti-spoofing (raw PREROUTING, opt-in per node topology)
+    NMI names the caller by its source address, so a pod that forges another pod's source
+    could be served that pod's token. On a routed node (each pod behind its own host veth with
+    a /32 route) strict reverse-path filtering stops it: ``aad-metadata-spoof``, jumped to from
+    the first rule of ``raw PREROUTING``, DROPs metadata traffic whose source would not be
+    routed back out of the interface it came in on (``-m rpfilter --invert``, never
+    ``--loose``: any route back would pass a loose check). In raw, before conntrack and DNAT,
+    so a dropped SYN never creates a flow. See docs/security.md.
+
 Every string here is in ``iptables-save``'s canonical spelling (``/32`` suffixes, ``-m tcp``,
 double-quoted cgroup paths), so drift detection can compare text for equality and the same
 lines are valid ``iptables-restore`` input.
@@ -29,12 +38,16 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
-TABLE = "nat"
+NAT = "nat"
+RAW = "raw"
+TABLE = NAT
+"""The table of the interception rules (kept for callers that only know the nat table)."""
+TABLES = (NAT, RAW)
 DEFAULT_CHAIN = "aad-metadata"
 PREROUTING = "PREROUTING"
 OUTPUT = "OUTPUT"
 
-# iptables limits chain names to 28 characters; the output chain adds "-output".
+# iptables limits chain names to 28 characters; the output chain adds "-output", the raw one "-spoof".
 _CHAIN_NAME = re.compile(r"[A-Za-z0-9_.-]{1,21}")
 # Quoting and escaping in iptables-restore input are limited; refuse anything that needs either.
 _CGROUP_PATH = re.compile(r"/[A-Za-z0-9_.:@/+-]*")
@@ -78,6 +91,7 @@ class Hook:
     parent: str
     chain: str
     rules: tuple[str, ...]
+    table: str = NAT
 
     @property
     def jump(self) -> str:
@@ -94,6 +108,8 @@ class RuleSpec:
     exempt_source: str = "127.0.0.1/32"
     """Never DNATed in PREROUTING (as in the original)."""
     host_network: HostNetworkInterception | None = None
+    anti_spoofing: bool = False
+    """Strict reverse-path DROP of metadata traffic in raw PREROUTING (routed nodes)."""
 
     def __post_init__(self) -> None:
         # Normalise to iptables-save's spelling so comparisons with its output are exact.
@@ -120,6 +136,7 @@ class RuleSpec:
         metadata_ip: str = "169.254.169.254",
         metadata_port: int = 80,
         host_network: HostNetworkInterception | None = None,
+        anti_spoofing: bool = False,
     ) -> RuleSpec:
         """The original's target rule: the listen address, or 127.0.0.1 when it listens everywhere."""
         target = "127.0.0.1" if listen_address == "0.0.0.0" else listen_address
@@ -129,6 +146,7 @@ class RuleSpec:
             target_ip=target,
             target_port=port,
             host_network=host_network,
+            anti_spoofing=anti_spoofing,
         )
 
     @property
@@ -153,10 +171,28 @@ class RuleSpec:
         exemptions += [f'-m cgroup --path "{path}" -j RETURN' for path in hn.exempt_cgroups]
         return Hook(OUTPUT, self.output_chain, (*exemptions, self._dnat, "-j RETURN"))
 
-    def hooks(self) -> tuple[Hook, ...]:
-        output = self.output_hook()
-        return (self.prerouting_hook(),) if output is None else (self.prerouting_hook(), output)
+    @property
+    def spoof_chain(self) -> str:
+        return f"{self.chain}-spoof"
 
-    def managed_chains(self) -> tuple[str, ...]:
-        """Every chain this spec may own, including the output chain when not opted in (to clean up)."""
-        return (self.chain, self.output_chain)
+    def antispoof_hook(self) -> Hook | None:
+        if not self.anti_spoofing:
+            return None
+        rule = (
+            f"-d {self.metadata_ip}/32 -p tcp -m tcp --dport {self.metadata_port}"
+            " -m rpfilter --invert -j DROP"
+        )
+        return Hook(PREROUTING, self.spoof_chain, (rule,), table=RAW)
+
+    def hooks(self, table: str | None = None) -> tuple[Hook, ...]:
+        """The wanted hooks, of every table or of ``table`` only."""
+        every = (self.prerouting_hook(), self.output_hook(), self.antispoof_hook())
+        return tuple(hook for hook in every if hook is not None and table in (None, hook.table))
+
+    def managed_chains(self, table: str = NAT) -> tuple[str, ...]:
+        """Every chain of ``table`` this spec may own, wanted or not (so opting out cleans up)."""
+        return (self.chain, self.output_chain) if table == NAT else (self.spoof_chain,)
+
+    def required_tables(self) -> tuple[str, ...]:
+        """Tables that must be read; the others are read only to clean up, and may be absent."""
+        return TABLES if self.anti_spoofing else (NAT,)

@@ -1,8 +1,11 @@
-"""Apply a ``RuleSpec`` to the nat table with ``iptables-save`` / ``iptables-restore --noflush``.
+"""Apply a ``RuleSpec`` to the nat (and raw) tables with ``iptables-save`` / ``iptables-restore --noflush``.
 
 Only whole-table restores are used (kube-proxy's approach): each change is one atomic commit that
 leaves every chain we do not own untouched, and the xtables lock is taken with ``-w``, so NMI
 cooperates with kube-proxy and CNI plugins writing the same table.
+
+The raw table is read only when the spec asks for anti-spoofing, or else best-effort (to remove
+a chain a previous run left): a legacy kernel without ``iptable_raw`` must not break the nat rules.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from dataclasses import dataclass
 
 from iptables.drift import Drift, detect, removal
 from iptables.process import Completed, IptablesError, run_command
-from iptables.rules import TABLE, RuleSpec
+from iptables.rules import TABLES, RuleSpec
 from iptables.savefile import Table, parse_table
 
 _VERSION = re.compile(r"v(?P<version>[\d.]+)(?:\s+\((?P<backend>[\w-]+)\))?")
@@ -95,11 +98,12 @@ class IptablesRunner:
     async def remove(self) -> bool:
         """Delete every jump to the managed chains and the chains; ``False`` if there was nothing."""
         async with self._lock:
-            payload = removal(await self._save(), self.spec)
+            payload = removal(await self._save_all(), self.spec)
             if payload is None:
                 return False
             await self._restore(payload)
-            self._log.info("removed iptables chains %s", ", ".join(self.spec.managed_chains()))
+            chains = [chain for table in TABLES for chain in self.spec.managed_chains(table)]
+            self._log.info("removed iptables chains %s", ", ".join(chains))
             return True
 
     async def detect_backend(self) -> str:
@@ -112,11 +116,34 @@ class IptablesRunner:
         return self.backend
 
     async def _check(self) -> Drift:
-        return detect(await self._save(), self.spec)
+        return detect(await self._save_all(), self.spec)
 
-    async def _save(self) -> Table:
+    async def _save_all(self) -> dict[str, Table]:
+        required = self.spec.required_tables()
+        tables: dict[str, Table] = {}
+        for name in TABLES:
+            if name in required:
+                tables[name] = await self._save(name)
+                continue
+            try:
+                if await self._table_exists(name):
+                    tables[name] = await self._save(name)
+            except IptablesError as exc:
+                self._log.debug("cannot read the %s table (not needed now): %s", name, exc)
+        return tables
+
+    async def _table_exists(self, name: str) -> bool:
+        """Whether reading ``name`` is side-effect free: the legacy backend instantiates a table
+        (and loads its module) on first read, which costs every packet a hook; nft does not."""
         await self._ensure_backend()
-        result = await self._run((self._binaries.save, "-t", TABLE))
+        if self.backend != "legacy":
+            return True
+        names = await self._run(("cat", "/proc/net/ip_tables_names"))
+        return name in names.stdout.split()
+
+    async def _save(self, table: str) -> Table:
+        await self._ensure_backend()
+        result = await self._run((self._binaries.save, "-t", table))
         if _OTHER_BACKEND_WARNING in result.stderr and not self._warned_other_backend:
             self._warned_other_backend = True
             self._log.warning(
@@ -124,7 +151,7 @@ class IptablesRunner:
                 "CNI use that backend, run NMI with its binaries or pod traffic may bypass NMI",
                 result.stderr,
             )
-        return parse_table(result.stdout, TABLE)
+        return parse_table(result.stdout, table)
 
     async def _restore(self, payload: str) -> None:
         self._log.debug("iptables-restore input:\n%s", payload)

@@ -221,6 +221,14 @@ def _prepare_add(args: argparse.Namespace) -> Command:
             client_id=client_id,
             resource_id=check_resource_id(args.identity_resource_id),
         )
+    elif id_type == IdentityType.FEDERATED:
+        # Federated with the service accounts of the pods it is bound to: no secret, no resource ID.
+        if args.identity_resource_id is not None or args.client_password_secret is not None:
+            raise UsageError(
+                "--type 3 (federated) takes only --client-id and, optionally, --tenant-id: the pods' "
+                "service-account tokens are its credential"
+            )
+        body = identity_body(ns, name, id_type=id_type, client_id=client_id, tenant_id=args.tenant_id or "")
     else:
         if args.identity_resource_id is not None:
             raise UsageError(

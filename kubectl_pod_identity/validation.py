@@ -135,15 +135,11 @@ IDENTITY_TYPES: dict[int, str] = {
     0: "user-assigned managed identity",
     1: "service principal (client secret)",
     2: "service principal (certificate)",
+    3: "federated (workload identity)",
 }
-FUTURE_TYPES: dict[int, str] = {3: "federated workload identity"}
 
 
 def check_identity_type(value: int) -> IdentityType:
-    if value in FUTURE_TYPES:
-        raise UsageError(
-            f"--type {value} ({FUTURE_TYPES[value]}) is not supported yet: NMI and MIC cannot use it"
-        )
     if value not in IDENTITY_TYPES:
         known = ", ".join(f"{k} {v}" for k, v in IDENTITY_TYPES.items())
         raise UsageError(f"--type {value} is not an identity type: {known}")

@@ -10,6 +10,7 @@ Rules (mic-spec §3.4 step 3, with the allowed phase improvement of §8):
   binding and identity must share one namespace, and the AAI lives there; otherwise the binding may
   be in any namespace and the AAI lives in ``default`` (mic-spec §1.4);
 * type-0 identities whose resourceID is not a user-assigned identity ID are ignored, as the original;
+* federated identities (type 3) are ignored: they need no assignment;
 * name ``<pod>-<podNamespace>-<identity>``; on a name clash the first (sorted) wins.
 """
 
@@ -77,7 +78,9 @@ def desired_assignments(
     force_namespaced: bool = False,
     clashes: list[str] | None = None,  # collects "name: kept X, dropped Y" for the caller to log
 ) -> dict[ObjectKey, Assignment]:
-    by_key = {i.key: i for i in identities if usable(i)}
+    # Federated identities (type 3) need nothing on a VM: NMI exchanges the pod's service-account
+    # token itself, and no AzureAssignedIdentity is written for them.
+    by_key = {i.key: i for i in identities if usable(i) and i.type is not IdentityType.FEDERATED}
     by_selector: dict[str, list[AzureIdentityBinding]] = defaultdict(list)
     for b in sorted(bindings, key=lambda b: (b.namespace, b.name)):
         by_selector[b.selector].append(b)

@@ -110,20 +110,41 @@ class App:
                 upstream, session, limiter, self.metrics.upstream, user_agent=user_agent(self.settings)
             )
         }
-        from nmi.tokens.msal_source import MsalTokenSource
+        from nmi.tokens.msal_source import FederationSettings, MsalTokenSource
 
-        reader = self._kube.secrets.get_secret if self._kube is not None else self._secret_from_state
+        kube = self._kube
+        reader = kube.secrets.get_secret if kube is not None else self._secret_from_state
+        assertions = None
+        if kube is not None:
+            from nmi.service_accounts import ServiceAccountTokens
+
+            errors = self.metrics.kube_errors.labels("create_serviceaccount_token")
+            accounts = ServiceAccountTokens(
+                lambda: kube.client, live=self._pod_is_live, errors=lambda: errors.inc()
+            )
+            assertions = accounts.for_request
+        identity = self.settings.identity
         self._msal = MsalTokenSource(
             reader,
             self.metrics,
             ca_bundle=upstream.aad_ca_bundle,
-            allow_cross_namespace_secrets=self.settings.identity.allow_cross_namespace_secrets,
+            allow_cross_namespace_secrets=identity.allow_cross_namespace_secrets,
             http_timeout_s=upstream.request_timeout_s,
             on_credentials_changed=self.cache.invalidate_identity,
+            assertions=assertions,
+            federation=FederationSettings(
+                authority_host=identity.federation_authority_host, tenant_id=identity.federation_tenant_id
+            ),
         )
         sources[IdentityType.SERVICE_PRINCIPAL] = self._msal
         sources[IdentityType.SERVICE_PRINCIPAL_CERTIFICATE] = self._msal
+        sources[IdentityType.FEDERATED] = self._msal
         return sources
+
+    def _pod_is_live(self, pod: Pod) -> bool:
+        """A pod of this node that NMI knows now, the same one (uid): only those get account tokens."""
+        current = self.state.get(Pod, pod.key)
+        return current is not None and current.uid == pod.uid and current.live
 
     def _start_state_source(self) -> None:
         cluster = self.settings.cluster
@@ -135,6 +156,13 @@ class App:
                 poll_s=cluster.cluster_state_poll_s,
             )
             self._file.load_initial()
+            source = self._file
+            # A counter in all but type: prometheus_client's Counter cannot read a value at scrape time.
+            self.metrics.gauge_fn(
+                "nmi_cluster_state_reload_failures",
+                "Edits of --cluster-state that were refused (unparsable, or empty); the previous state stays",
+                lambda: source.reload_failures,
+            )
             self._spawn(self._file.run(), "cluster-state-file")
             return
         from nmi.watches import KubeSource
@@ -169,6 +197,7 @@ class App:
             checks.append(Check("watches", lambda: self._watches_ok(kube), kube.health, True))
         if rules is not None:
             checks.append(Check("iptables", lambda: rules.healthy, lambda: rules.last_error))
+            checks.extend(rules.checks())
         return checks
 
     def _watches_ok(self, kube: KubeSource) -> bool:
@@ -247,7 +276,7 @@ class App:
     async def _start_iptables(self) -> None:
         from nmi.interception import start_interception
 
-        self._reconciler = await start_interception(self.settings, self.metrics)
+        self._reconciler = await start_interception(self.settings, self.metrics, self.state)
         self._spawn(self._reconciler.run(), "iptables-reconciler")
 
     async def stop(self) -> None:

@@ -60,6 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
         False,
         "a pod with several identities that names none gets IMDS's 400 instead of the default one",
     )
+    g.add_argument(
+        "--federation-authority-host",
+        default=os.environ.get("AZURE_AUTHORITY_HOST") or IdentitySettings().federation_authority_host,
+        help="Azure AD for workload (federated) identities",
+    )
+    g.add_argument(
+        "--federation-tenant-id",
+        default=os.environ.get("AZURE_TENANT_ID", ""),
+        help="tenant of federated identities that name none",
+    )
     g.add_argument("--pod-wait-timeout", type=positive, default=5.0)
     g.add_argument("--identity-wait-timeout", type=positive, default=None)
     g.add_argument("--retry-attempts-for-created", type=int, default=None)
@@ -95,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         help="cgroup v2 path that keeps direct IMDS access (repeatable), e.g. NMI's own",
+    )
+    g.add_argument(
+        "--anti-spoofing",
+        choices=["auto", "routed", "bridge", "off"],
+        default="auto",
+        help="stop pods forging another pod's address toward the metadata endpoint: auto (routed rule "
+        "on routed nodes, a warning on bridged ones), routed, off; bridge is not implemented yet",
     )
     g = p.add_argument_group("observability")
     g.add_argument("--prometheus-port", type=port, default=9090)
@@ -166,6 +183,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
             pod_wait_timeout_s=args.pod_wait_timeout,
             identity_wait_timeout_s=identity_wait(args),
             reject_ambiguous_identity=args.reject_ambiguous_identity,
+            federation_authority_host=args.federation_authority_host,
+            federation_tenant_id=args.federation_tenant_id,
             mic_namespace=args.MICNamespace,
             allow_cross_namespace_secrets=args.allow_cross_namespace_secrets,
         ),
@@ -192,6 +211,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
             intercept_host_network=args.intercept_host_network,
             host_network_exempt_uids=tuple(args.host_network_exempt_uid),
             host_network_exempt_cgroups=tuple(args.host_network_exempt_cgroup),
+            anti_spoofing=args.anti_spoofing,
         ),
     )
 
@@ -202,6 +222,11 @@ def parse(argv: Sequence[str] | None = None) -> Settings:
     if args.version:
         print(f"NMI Version: {__version__}")
         raise SystemExit(0)
+    if args.anti_spoofing == "bridge":
+        parser.error(
+            "--anti-spoofing=bridge is not implemented in this version; use auto, routed or off, and drop "
+            "NET_RAW from pods on bridged nodes (docs/security.md)"
+        )
     if not args.node and args.cluster_state is None:
         # The original accepted an empty node and then matched nothing (nmi-spec §9.20).
         parser.error("--node (or NODE_NAME) is required when reading the Kubernetes API")

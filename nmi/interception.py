@@ -7,26 +7,72 @@ nobody listens on because of the daemon's own start-up order (nmi-spec §9.7).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import time
 
 from iptables.drift import Drift
 from iptables.reconcile import Reconciler
 from iptables.rules import HostNetworkInterception, RuleSpec
 from iptables.runner import IptablesRunner
+from nmi.antispoof import AntiSpoofing
 from nmi.metrics import Metrics
 from nmi.netsetup import KUBENET_REFUSAL, NetSetupError, ensure_route_localnet, is_kubenet, purge_conntrack
 from nmi.settings import Settings
 from podidentity.errors import ConfigError
+from podidentity.probes import Check
+from podidentity.state import ClusterState
 
 log = logging.getLogger("nmi.iptables")
+
+
+class AntiSpoofingRules:
+    """The reconciler's rule manager: decides the anti-spoofing rule, then repairs every rule.
+
+    The spec is re-decided on every pass, so ``auto`` follows the pods NMI learns about and a
+    rule left by an earlier run with another mode is removed as stale.
+    """
+
+    def __init__(self, runner: IptablesRunner, anti: AntiSpoofing) -> None:
+        self.runner = runner
+        self.anti = anti
+        self.install_s: float | None = None
+        """How long the pass that first installed the raw rule took (seconds)."""
+
+    async def repair(self) -> Drift:
+        wanted = await self.anti.decide()
+        if wanted != self.runner.spec.anti_spoofing:
+            self.runner.spec = dataclasses.replace(self.runner.spec, anti_spoofing=wanted)
+        started = time.perf_counter()
+        drift = await self.runner.repair()
+        if wanted and self.install_s is None:
+            self.install_s = time.perf_counter() - started
+            if not drift.ok:
+                log.info("anti-spoofing rule installed in %.1f ms", self.install_s * 1000)
+        return drift
 
 
 class Interception:
     """The reconciler plus the runner it drives, so the app can remove rules on uninstall."""
 
-    def __init__(self, runner: IptablesRunner, reconciler: Reconciler) -> None:
+    def __init__(
+        self,
+        runner: IptablesRunner,
+        reconciler: Reconciler,
+        anti_spoofing: AntiSpoofing | None = None,
+        state: ClusterState | None = None,
+    ) -> None:
         self.runner = runner
         self.reconciler = reconciler
+        self.anti_spoofing = anti_spoofing
+        self._state = state
+
+    def checks(self) -> list[Check]:
+        """Extra readiness checks: the anti-spoofing report, which never fails (detail only)."""
+        anti = self.anti_spoofing
+        if anti is None:
+            return []
+        return [Check("antispoofing", lambda: True, anti.detail, True)]
 
     @property
     def healthy(self) -> bool:
@@ -37,7 +83,21 @@ class Interception:
         return self.reconciler.last_error
 
     async def run(self) -> None:
-        await self.reconciler.run()
+        anti, state = self.anti_spoofing, self._state
+        if anti is None or state is None or anti.mode != "auto":
+            await self.reconciler.run()
+            return
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self.reconciler.run())
+            tasks.create_task(self._wake_on_first_pods(anti, state))
+
+    async def _wake_on_first_pods(self, anti: AntiSpoofing, state: ClusterState) -> None:
+        """While ``auto`` has no pod to look at, a pass follows the first pod changes (at most 1/s)."""
+        while True:
+            await state.wait_for_change(3600.0)
+            if anti.undetermined:
+                await self.reconciler.wake()
+                await asyncio.sleep(1.0)
 
     async def remove(self) -> None:
         await self.runner.remove()
@@ -61,7 +121,9 @@ def host_network(settings: Settings) -> HostNetworkInterception | None:
         raise ConfigError(str(exc)) from None
 
 
-async def start_interception(settings: Settings, metrics: Metrics) -> Interception:
+async def start_interception(
+    settings: Settings, metrics: Metrics, state: ClusterState | None = None
+) -> Interception:
     ipt = settings.iptables
     if not ipt.allow_network_plugin_kubenet and await asyncio.to_thread(is_kubenet, ipt.kubelet_config):
         raise ConfigError(KUBENET_REFUSAL)
@@ -84,6 +146,8 @@ async def start_interception(settings: Settings, metrics: Metrics) -> Intercepti
                     ", ".join(changed),
                 )
     runner = IptablesRunner(spec)
+    anti = AntiSpoofing(ipt.anti_spoofing, state or ClusterState(), registry=metrics.registry)
+    manager = AntiSpoofingRules(runner, anti)
 
     async def purge(_drift: Drift) -> None:
         deleted = await asyncio.to_thread(
@@ -93,9 +157,9 @@ async def start_interception(settings: Settings, metrics: Metrics) -> Intercepti
             log.info("purged %d conntrack entries that bypassed the rules", deleted)
 
     reconciler = Reconciler(
-        runner,
+        manager,
         interval_s=ipt.update_interval_s,
         metrics=metrics,
         on_change=purge if ipt.enable_conntrack_deletion else None,
     )
-    return Interception(runner, reconciler)
+    return Interception(runner, reconciler, anti, state)

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
+from functools import lru_cache
 
 from nmi.selectors import IdentityQuery
 from nmi.settings import IdentitySettings
@@ -29,10 +30,13 @@ from podidentity.model import (
     ASSIGNED,
     BINDING_LABEL,
     CREATED,
+    WORKLOAD_IDENTITY_LABEL,
     AzureIdentity,
     AzurePodIdentityException,
+    IdentityType,
     ObjectKey,
     Pod,
+    ServiceAccount,
 )
 from podidentity.state import ClusterState
 
@@ -240,14 +244,46 @@ def selected_identities(state: ClusterState, pod: Pod, *, force_namespaced: bool
 
 def _managed_candidates(state: ClusterState, pod: Pod) -> list[AzureIdentity]:
     # Managed mode has no MIC to widen the match: bindings and identities of the pod's namespace.
-    return selected_identities(state, pod, force_namespaced=True)
+    return [*selected_identities(state, pod, force_namespaced=True), *_workload_identity(state, pod)]
+
+
+def _federated_candidates(state: ClusterState, pod: Pod, settings: IdentitySettings) -> list[AzureIdentity]:
+    """Federated identities need no assignment: those the pod's bindings select (type 3), and its
+    own service account's, if it follows workload identity's conventions."""
+    bound = selected_identities(state, pod, force_namespaced=settings.force_namespaced)
+    return [*(i for i in bound if i.type is IdentityType.FEDERATED), *_workload_identity(state, pod)]
+
+
+def _workload_identity(state: ClusterState, pod: Pod) -> tuple[AzureIdentity, ...]:
+    """The identity of the pod's own service account, as Azure AD Workload Identity's webhook reads
+    it: the pod labelled ``azure.workload.identity/use: "true"``, its service account annotated
+    ``azure.workload.identity/client-id``. Never another service account's."""
+    if pod.labels.get(WORKLOAD_IDENTITY_LABEL, "").casefold() != "true":
+        return ()
+    account = state.get(ServiceAccount, ObjectKey(pod.namespace, pod.service_account))
+    if account is None or not account.client_id:
+        return ()
+    return (_account_identity(pod.namespace, account.name, account.client_id, account.tenant_id),)
+
+
+@lru_cache(maxsize=4096)
+def _account_identity(namespace: str, account: str, client_id: str, tenant_id: str) -> AzureIdentity:
+    # One object per service account and content, so token cache keys built from it are shared.
+    return AzureIdentity(
+        namespace=namespace,
+        name=f"serviceaccount:{account}",
+        type=IdentityType.FEDERATED,
+        client_id=client_id,
+        tenant_id=tenant_id,
+    )
 
 
 def allowed_identities(state: ClusterState, pod: Pod, settings: IdentitySettings) -> list[AzureIdentity]:
     """Every identity ``pod`` may use right now, in the order a default request would pick."""
     if settings.operation_mode == "managed":
         return _order(pod, _managed_candidates(state, pod))
-    return _order(pod, _standard_candidates(state, pod, settings)[0])
+    assigned = _standard_candidates(state, pod, settings)[0]
+    return _order(pod, [*assigned, *_federated_candidates(state, pod, settings)])
 
 
 def _unbound(pod: Pod) -> str:
@@ -264,6 +300,7 @@ def resolve_standard(
     object_ids: Mapping[str, str] = NO_OBJECT_IDS,
 ) -> Decision:
     assigned, created = _standard_candidates(state, pod, settings)
+    assigned += _federated_candidates(state, pod, settings)
     selected = selected_identities(state, pod, force_namespaced=settings.force_namespaced)
     picked = _pick(pod, _order(pod, assigned), (*created, *selected), query, object_ids, settings)
     if picked is not None:
@@ -289,8 +326,6 @@ def resolve_managed(
     settings: IdentitySettings,
     object_ids: Mapping[str, str] = NO_OBJECT_IDS,
 ) -> Decision:
-    if not pod.labels.get(BINDING_LABEL, ""):
-        return Deny(_unbound(pod))
     picked = _pick(pod, _order(pod, _managed_candidates(state, pod)), (), query, object_ids, settings)
     if picked is not None:
         return picked

@@ -149,7 +149,7 @@ class TokenService:
         miss (call ``answer``). A final refusal raises, as ``answer`` would."""
         decision = self.decide_now(pod, query)
         if isinstance(decision, Grant):
-            request = self.request_for(decision.identity, resource, api_version, tenant_id)
+            request = self.request_for(decision.identity, resource, api_version, tenant_id, pod=pod)
             token = self.cache.peek(request)
             return Granted(decision.identity, request, token) if token is not None else None
         if isinstance(decision, Deny):
@@ -166,7 +166,7 @@ class TokenService:
         )
         if isinstance(decision, PassThrough):
             return Excepted(decision.exception)
-        request = self.request_for(decision.identity, resource, api_version, tenant_id)
+        request = self.request_for(decision.identity, resource, api_version, tenant_id, pod=pod)
         return Granted(
             decision.identity, request, await self.token(request, deadline=deadline, caller=pod.key)
         )
@@ -196,7 +196,7 @@ class TokenService:
     async def _learn(self, pod: Pod, learn: Learn, resource: str, api_version: str, deadline: float) -> None:
         """Object ids of ``learn.identities`` from their tokens for this resource (cached anyway)."""
         for identity in learn.identities:
-            request = self.request_for(identity, resource, api_version)
+            request = self.request_for(identity, resource, api_version, pod=pod)
             await self.token(request, deadline=deadline, caller=pod.key)
 
     def denied(self, pod: Pod, decision: Deny) -> ServiceError:
@@ -240,7 +240,13 @@ class TokenService:
     # --- token --------------------------------------------------------------------------
 
     def request_for(
-        self, identity: AzureIdentity, resource: str, api_version: str, tenant_id: str = ""
+        self,
+        identity: AzureIdentity,
+        resource: str,
+        api_version: str,
+        tenant_id: str = "",
+        *,
+        pod: Pod | None = None,
     ) -> TokenRequest:
         if tenant_id:
             # IMDS has one token per request; a service principal's auxiliary tenants are asked for
@@ -249,6 +255,17 @@ class TokenService:
                 raise BadRequest("tenant_id applies only to service-principal identities")
             if tenant_id.casefold() not in {t.casefold() for t in identity.auxiliary_tenant_ids}:
                 raise BadRequest("tenant_id is not one of the identity's auxiliaryTenantIDs")
+        if identity.type is IdentityType.FEDERATED:
+            if pod is None:
+                raise BadRequest("a federated identity is used on behalf of a pod")
+            # Exchanged with the pod's own service account's token: its tokens are that account's.
+            return TokenRequest(
+                identity=identity,
+                resource=resource,
+                api_version=api_version,
+                service_account=f"{pod.namespace}/{pod.service_account}",
+                pod=pod,
+            )
         return TokenRequest(
             identity=identity, resource=resource, api_version=api_version, tenant_id=tenant_id
         )

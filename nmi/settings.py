@@ -15,6 +15,7 @@ from podidentity.imds.settings import UpstreamSettings
 from podidentity.kube.settings import KubeSettings
 
 OperationMode = Literal["standard", "managed"]
+AntiSpoofingMode = Literal["auto", "routed", "bridge", "off"]
 LogFormat = Literal["text", "json"]
 
 
@@ -45,6 +46,11 @@ class IdentitySettings:
     """How long a request from an address not yet in the pod cache waits for the watch."""
     identity_wait_timeout_s: float = 15.0
     """How long a request waits for an identity to become ``Assigned`` (standard mode)."""
+    federation_authority_host: str = "https://login.microsoftonline.com/"
+    """Azure AD for federated (workload) identities: ``--federation-authority-host`` or
+    ``AZURE_AUTHORITY_HOST``, as the workload-identity webhook injects it."""
+    federation_tenant_id: str = ""
+    """Tenant of federated identities that name none (``--federation-tenant-id`` / ``AZURE_TENANT_ID``)."""
     reject_ambiguous_identity: bool = False
     """Several identities and none named: IMDS's 400 instead of the deterministic default."""
     allow_cross_namespace_secrets: bool = False
@@ -94,6 +100,8 @@ class IptablesSettings:
     host_network_exempt_uids: tuple[int, ...] = ()
     host_network_exempt_cgroups: tuple[str, ...] = ()
     """Who keeps reaching IMDS directly when ``intercept_host_network`` is on; NMI must be among them."""
+    anti_spoofing: AntiSpoofingMode = "auto"
+    """``--anti-spoofing``: stop pods forging another pod's address toward IMDS (docs/security.md)."""
 
 
 @dataclass(frozen=True, slots=True)

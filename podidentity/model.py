@@ -8,10 +8,12 @@ is strict about what the code relies on and says which object and field is wrong
 from __future__ import annotations
 
 import base64
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from enum import IntEnum
+from types import MappingProxyType
 from typing import Any
 
 from podidentity.errors import ConfigError
@@ -29,6 +31,14 @@ class IdentityType(IntEnum):
     USER_ASSIGNED_MSI = 0
     SERVICE_PRINCIPAL = 1
     SERVICE_PRINCIPAL_CERTIFICATE = 2
+    FEDERATED = 3
+    """Workload identity: the pod's service-account token exchanged for an Azure AD token."""
+
+
+# Azure AD Workload Identity's conventions, as its webhook reads them.
+WORKLOAD_IDENTITY_LABEL = "azure.workload.identity/use"
+WORKLOAD_CLIENT_ID_ANNOTATION = "azure.workload.identity/client-id"
+WORKLOAD_TENANT_ID_ANNOTATION = "azure.workload.identity/tenant-id"
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +64,8 @@ class Pod:
     resource_version: str = ""
     created_at: float = 0.0
     """Epoch seconds from ``metadata.creationTimestamp``; 0 when unknown."""
+    service_account: str = "default"
+    """``spec.serviceAccountName``."""
 
     @property
     def key(self) -> ObjectKey:
@@ -163,6 +175,22 @@ class Secret:
 
 
 @dataclass(frozen=True, slots=True)
+class ServiceAccount:
+    """Only what workload identity reads: the client and tenant a service account is federated with."""
+
+    namespace: str
+    name: str
+    client_id: str = ""
+    """``azure.workload.identity/client-id``; empty when the service account is not federated."""
+    tenant_id: str = ""
+    resource_version: str = ""
+
+    @property
+    def key(self) -> ObjectKey:
+        return ObjectKey(self.namespace, self.name)
+
+
+@dataclass(frozen=True, slots=True)
 class Node:
     name: str
     provider_id: str = ""
@@ -182,6 +210,7 @@ KubeObject = (
     | AzurePodIdentityException
     | Secret
     | Node
+    | ServiceAccount
 )
 
 
@@ -202,6 +231,12 @@ def _str(value: Any, what: str, obj: Mapping[str, Any], *, required: bool = Fals
     return value
 
 
+_intern = sys.intern
+"""Strings many objects share (namespaces, node names, phases, label keys and values, states) are
+interned: one copy per distinct value instead of one per object, with tens of thousands of objects."""
+_NO_LABELS: Mapping[str, str] = MappingProxyType({})
+
+
 def _str_map(value: Any, what: str, obj: Mapping[str, Any]) -> dict[str, str]:
     if value is None:
         return {}
@@ -209,7 +244,7 @@ def _str_map(value: Any, what: str, obj: Mapping[str, Any]) -> dict[str, str]:
         isinstance(k, str) and isinstance(v, str) for k, v in value.items()
     ):
         raise ConfigError(f"{_where(obj)}: {what} must be a map of strings")
-    return dict(value)
+    return {_intern(k): _intern(v) for k, v in value.items()}
 
 
 def _meta(obj: Mapping[str, Any]) -> tuple[str, str, Mapping[str, Any]]:
@@ -217,7 +252,7 @@ def _meta(obj: Mapping[str, Any]) -> tuple[str, str, Mapping[str, Any]]:
     if not isinstance(meta, Mapping):
         raise ConfigError(f"{_where(obj)}: metadata is required")
     name = _str(meta.get("name"), "metadata.name", obj, required=True)
-    namespace = _str(meta.get("namespace"), "metadata.namespace", obj) or "default"
+    namespace = _intern(_str(meta.get("namespace"), "metadata.namespace", obj) or "default")
     return namespace, name, meta
 
 
@@ -239,13 +274,14 @@ def parse_pod(obj: Mapping[str, Any]) -> Pod:
         name=name,
         uid=_str(meta.get("uid"), "metadata.uid", obj),
         ip=_str(status.get("podIP"), "status.podIP", obj),
-        phase=_str(status.get("phase"), "status.phase", obj) or "Pending",
-        labels=_str_map(meta.get("labels"), "metadata.labels", obj),
-        node_name=_str(spec.get("nodeName"), "spec.nodeName", obj),
+        phase=_intern(_str(status.get("phase"), "status.phase", obj) or "Pending"),
+        labels=_str_map(meta.get("labels"), "metadata.labels", obj) or _NO_LABELS,
+        node_name=_intern(_str(spec.get("nodeName"), "spec.nodeName", obj)),
         deleting=meta.get("deletionTimestamp") is not None,
         host_network=bool(spec.get("hostNetwork", False)),
         resource_version=_str(meta.get("resourceVersion"), "metadata.resourceVersion", obj),
         created_at=_timestamp(meta.get("creationTimestamp"), "metadata.creationTimestamp", obj),
+        service_account=_str(spec.get("serviceAccountName"), "spec.serviceAccountName", obj) or "default",
     )
 
 
@@ -263,11 +299,11 @@ def _timestamp(value: Any, what: str, obj: Mapping[str, Any]) -> float:
 
 def _identity_type(value: Any, obj: Mapping[str, Any]) -> IdentityType:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{_where(obj)}: spec.type must be 0, 1 or 2")
+        raise ConfigError(f"{_where(obj)}: spec.type must be 0, 1, 2 or 3")
     try:
         return IdentityType(value)
     except ValueError:
-        raise ConfigError(f"{_where(obj)}: spec.type must be 0, 1 or 2, got {value}") from None
+        raise ConfigError(f"{_where(obj)}: spec.type must be 0, 1, 2 or 3, got {value}") from None
 
 
 def parse_identity(obj: Mapping[str, Any]) -> AzureIdentity:
@@ -293,9 +329,9 @@ def parse_identity(obj: Mapping[str, Any]) -> AzureIdentity:
         type=id_type,
         client_id=_str(spec.get("clientID"), "spec.clientID", obj, required=True),
         resource_id=_str(spec.get("resourceID"), "spec.resourceID", obj),
-        tenant_id=_str(spec.get("tenantID"), "spec.tenantID", obj),
+        tenant_id=_intern(_str(spec.get("tenantID"), "spec.tenantID", obj)),
         auxiliary_tenant_ids=tuple(aux),
-        ad_endpoint=_str(spec.get("adEndpoint"), "spec.adEndpoint", obj),
+        ad_endpoint=_intern(_str(spec.get("adEndpoint"), "spec.adEndpoint", obj)),
         client_password=ref,
         namespaced=annotations.get(BEHAVIOR_ANNOTATION, "").casefold() == "namespaced",
         resource_version=_str(meta.get("resourceVersion"), "metadata.resourceVersion", obj),
@@ -333,11 +369,11 @@ def parse_assigned_identity(obj: Mapping[str, Any]) -> AzureAssignedIdentity:
     return AzureAssignedIdentity(
         namespace=namespace,
         name=name,
-        pod_namespace=_str(spec.get("podNamespace"), "spec.podNamespace", obj, required=True),
+        pod_namespace=_intern(_str(spec.get("podNamespace"), "spec.podNamespace", obj, required=True)),
         pod_name=_str(spec.get("pod"), "spec.pod", obj, required=True),
         identity=parse_identity(embedded),
-        state=_str(status.get("status"), "status.status", obj),
-        node_name=_str(spec.get("nodename"), "spec.nodename", obj) or labels.get("nodename", ""),
+        state=_intern(_str(status.get("status"), "status.status", obj)),
+        node_name=_intern(_str(spec.get("nodename"), "spec.nodename", obj) or labels.get("nodename", "")),
         binding_name=binding_name,
         resource_version=_str(meta.get("resourceVersion"), "metadata.resourceVersion", obj),
     )
@@ -371,6 +407,18 @@ def parse_secret(obj: Mapping[str, Any]) -> Secret:
         namespace=namespace,
         name=name,
         data=data,
+        resource_version=_str(meta.get("resourceVersion"), "metadata.resourceVersion", obj),
+    )
+
+
+def parse_service_account(obj: Mapping[str, Any]) -> ServiceAccount:
+    namespace, name, meta = _meta(obj)
+    annotations = _str_map(meta.get("annotations"), "metadata.annotations", obj)
+    return ServiceAccount(
+        namespace=namespace,
+        name=name,
+        client_id=annotations.get(WORKLOAD_CLIENT_ID_ANNOTATION, "").strip(),
+        tenant_id=annotations.get(WORKLOAD_TENANT_ID_ANNOTATION, "").strip(),
         resource_version=_str(meta.get("resourceVersion"), "metadata.resourceVersion", obj),
     )
 
@@ -433,6 +481,7 @@ KINDS: tuple[Kind, ...] = (
     ),
     Kind("Secret", Secret, parse_secret, "secrets", CORE_PATH),
     Kind("Node", Node, parse_node, "nodes", CORE_PATH),
+    Kind("ServiceAccount", ServiceAccount, parse_service_account, "serviceaccounts", CORE_PATH),
 )
 KIND_NAMED: dict[str, Kind] = {k.name: k for k in KINDS}
 KIND_OF: dict[type[Any], Kind] = {k.cls: k for k in KINDS}

@@ -80,6 +80,22 @@ class ClusterState:
                 self._put(obj)
         self._notify()
 
+    def update(
+        self,
+        *,
+        upserted: Iterable[KubeObject] = (),
+        removed: Iterable[tuple[str, ObjectKey]] = (),
+    ) -> None:
+        """Insert or replace ``upserted`` and drop ``removed`` (kind, key) pairs, as one mutation.
+
+        A large source applies its changes in chunks of this, yielding to the loop between them.
+        """
+        for kind, key in removed:
+            self._drop(kind, key)
+        for obj in upserted:
+            self._put(obj)
+        self._notify()
+
     def _put(self, obj: KubeObject) -> None:
         kind = KIND_OF[type(obj)].name
         key = obj.key

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
-from podidentity.model import AzureIdentity
+from podidentity.model import AzureIdentity, Pod
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +58,11 @@ class TokenRequest:
     resource_id: str = ""
     tenant_id: str = ""
     """An auxiliary tenant of a service principal (the ``tenant_id`` query opt-in); empty for its own."""
+    service_account: str = ""
+    """Federated identities: ``namespace/name`` of the service account whose token is exchanged."""
+    pod: Pod | None = field(default=None, compare=False)
+    """Federated identities: the pod on whose behalf the service-account token is requested (bound
+    to it); any pod of that service account will do, so it is not part of what the request is."""
 
 
 class TokenSource(Protocol):

@@ -10,6 +10,12 @@ Served, per tenant (tenant IDs and client IDs match case-insensitively, like GUI
   ES256/384/512) is verified against the registered certificate named by its ``x5t#S256``/``x5t`` header,
   with ``aud`` (this tenant's token endpoint), ``iss == sub == client_id`` and ``nbf``/``exp`` checked.
   ``scope`` must end with ``/.default``.
+* Federated identity credentials (``add_federated_credential``): an assertion whose ``iss`` is not the client
+  ID and that names no certificate thumbprint is matched on issuer, subject and audience (AADSTS700211,
+  700213, 700212; or the older 70021 with ``legacy_federation_errors``), then verified against the issuer's
+  keys, fetched from ``<iss>/.well-known/openid-configuration`` → ``jwks_uri`` over HTTPS trusting
+  ``trust`` (AADSTS50166 when that fails; cached ``jwks_ttl_s``, fetched again for an unknown ``kid``;
+  ``issuer_fetches`` counts them), then its time range (AADSTS700024).
 
 Errors have Azure AD's shape: ``error``, ``error_description`` ("AADSTSnnn: text\\r\\nTrace ID: ...\\r\\n
 Correlation ID: ...\\r\\nTimestamp: ..."), ``error_codes``, ``timestamp``, ``trace_id``, ``correlation_id``,
@@ -45,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import aiohttp
 import trustme
 from aiohttp import web
 from cryptography import x509
@@ -55,14 +62,30 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import NameOID
 
+from standins import _oidc
+
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 CLOCK_SKEW_S = 300
 """Azure AD tolerates five minutes of skew on assertion times."""
+TOKEN_EXCHANGE_AUDIENCE = "api://AzureADTokenExchange"
+MAX_FEDERATED_CREDENTIALS = 20
+"""Azure AD's limit of federated identity credentials per application or managed identity."""
+_FIC_DOCS = "https://learn.microsoft.com/entra/workload-id/workload-identity-federation"
 
 FaultKind = Literal["invalid_client", "server_error", "throttle", "unavailable"]
 
 _EC_CURVES = {"ES256": ("secp256r1", hashes.SHA256(), 32), "ES384": ("secp384r1", hashes.SHA384(), 48)}
 _EC_CURVES["ES512"] = ("secp521r1", hashes.SHA512(), 66)
+
+
+@dataclass(frozen=True)
+class FederatedCredential:
+    """A federated identity credential: tokens of ``issuer`` about ``subject`` for one of ``audiences``."""
+
+    name: str
+    issuer: str
+    subject: str
+    audiences: tuple[str, ...] = (TOKEN_EXCHANGE_AUDIENCE,)
 
 
 @dataclass
@@ -73,6 +96,7 @@ class RegisteredApp:
     secrets: list[str] = field(default_factory=list)
     certificates: list[x509.Certificate] = field(default_factory=list)
     enabled: bool = True
+    federated_credentials: list[FederatedCredential] = field(default_factory=list)
 
     def certificate_by_thumbprint(self, sha256: bytes | None, sha1: bytes | None) -> x509.Certificate | None:
         for cert in self.certificates:
@@ -96,6 +120,8 @@ class TokenCall:
     status: int
     error: str | None
     algorithm: str | None = None
+    federated_subject: str | None = None
+    """For a federated assertion: its ``sub`` (whatever the outcome once it was parsed)."""
 
 
 @dataclass
@@ -105,12 +131,15 @@ class _Fault:
 
 
 class AadError(Exception):
-    def __init__(self, status: int, error: str, code: int, text: str) -> None:
+    def __init__(
+        self, status: int, error: str, code: int, text: str, *, federated_subject: str | None = None
+    ) -> None:
         super().__init__(f"AADSTS{code}: {text}")
         self.status = status
         self.error = error
         self.code = code
         self.text = text
+        self.federated_subject = federated_subject
 
 
 class AadStandin:
@@ -124,6 +153,8 @@ class AadStandin:
         ca: trustme.CA | None = None,
         token_lifetime_s: int = 3599,
         clock: Any = time.time,
+        trust: ssl.SSLContext | str | os.PathLike[str] | None = None,
+        jwks_ttl_s: float = 300.0,
     ) -> None:
         self.host = host
         self.port = port
@@ -144,6 +175,17 @@ class AadStandin:
         self._down = False
         self._runner: web.AppRunner | None = None
         self._site: web.SockSite | None = None
+        # Federated credentials: the issuers' keys, fetched over HTTPS as Azure AD does.
+        self._trust = trust
+        self.jwks_ttl_s = jwks_ttl_s
+        """How long an issuer's keys are used before its discovery document is fetched again."""
+        self.issuer_fetches = 0
+        """Fetches of an issuer's discovery document (each followed by its JWKS), successful or not."""
+        self.legacy_federation_errors = False
+        """Answer every federated mismatch with the older AADSTS70021 text instead of 700211/700212/700213."""
+        self._issuer_keys: dict[str, tuple[float, dict[str, rsa.RSAPublicKey]]] = {}
+        self._fetch_lock = asyncio.Lock()
+        self._outbound: aiohttp.ClientSession | None = None
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -184,6 +226,9 @@ class AadStandin:
         return self
 
     async def close(self) -> None:
+        if self._outbound is not None:
+            await self._outbound.close()
+            self._outbound = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -258,6 +303,39 @@ class AadStandin:
 
     def set_enabled(self, tenant: str, client_id: str, enabled: bool) -> None:
         self.app(tenant, client_id).enabled = enabled
+
+    def add_federated_credential(
+        self,
+        tenant: str,
+        client_id: str,
+        *,
+        issuer: str,
+        subject: str,
+        audiences: tuple[str, ...] | list[str] = (TOKEN_EXCHANGE_AUDIENCE,),
+        name: str | None = None,
+    ) -> FederatedCredential:
+        """Trust tokens of ``issuer`` (an https URL, matched exactly, trailing slash included) about
+        ``subject`` (``system:serviceaccount:NS:SA``, case-sensitive) carrying one of ``audiences``."""
+        app = self.app(tenant, client_id)
+        if not issuer.startswith("https://"):
+            raise ValueError("a federated identity credential's issuer must be an https URL")
+        if len(app.federated_credentials) >= MAX_FEDERATED_CREDENTIALS:
+            raise ValueError(
+                f"at most {MAX_FEDERATED_CREDENTIALS} federated identity credentials per application"
+            )
+        credential = FederatedCredential(
+            name or f"fic-{len(app.federated_credentials) + 1}", issuer, subject, tuple(audiences)
+        )
+        app.federated_credentials.append(credential)
+        return credential
+
+    def remove_federated_credential(self, tenant: str, client_id: str, name: str) -> None:
+        app = self.app(tenant, client_id)
+        app.federated_credentials = [c for c in app.federated_credentials if c.name != name]
+
+    def forget_issuer_keys(self) -> None:
+        """Drop the cached issuer keys: the next federated assertion fetches them again."""
+        self._issuer_keys.clear()
 
     # ------------------------------------------------------------------ faults
 
@@ -374,32 +452,45 @@ class AadStandin:
         if self.delay_s > 0:
             await asyncio.sleep(self.delay_s)
         algorithm: str | None = None
+        federated_subject: str | None = None
         headers: dict[str, str] = {}
         try:
             if self._faults:
                 fault = self._faults.popleft()
                 headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after is not None else {}
                 raise _fault_error(fault, client_id)
-            algorithm = self._authenticate(request, tenant, client_id, fields, basic_secret)
+            algorithm, federated_subject = await self._authenticate(
+                request, tenant, client_id, fields, basic_secret
+            )
             body = self._issue(tenant, client_id, fields["scope"], method)
         except AadError as err:
             self.calls.append(
                 TokenCall(
-                    tenant, client_id, fields.get("scope", ""), method, err.status, err.error, algorithm
+                    tenant,
+                    client_id,
+                    fields.get("scope", ""),
+                    method,
+                    err.status,
+                    err.error,
+                    algorithm,
+                    err.federated_subject,
                 )
             )
             return self._error_response(request, err, headers=headers)
-        self.calls.append(TokenCall(tenant, client_id, fields["scope"], method, 200, None, algorithm))
+        self.calls.append(
+            TokenCall(tenant, client_id, fields["scope"], method, 200, None, algorithm, federated_subject)
+        )
         return web.json_response(body, headers=_NO_STORE)
 
-    def _authenticate(
+    async def _authenticate(
         self,
         request: web.Request,
         tenant: str,
         client_id: str,
         fields: dict[str, str],
         basic_secret: str | None,
-    ) -> str | None:
+    ) -> tuple[str | None, str | None]:
+        """Check the request and the client's credential: (assertion algorithm, federated subject)."""
         if tenant.casefold() not in self._tenants:
             raise AadError(400, "invalid_request", 90002, _tenant_not_found(tenant))
         grant = fields.get("grant_type", "")
@@ -451,11 +542,14 @@ class AadStandin:
                     7000218,
                     "The request body must contain the following parameter: 'client_assertion_type'.",
                 )
+            assertion = fields["client_assertion"]
+            if _is_federated(assertion, app):
+                return await self._verify_federated(assertion, app)
             audiences = {
                 f"{self._base(request)}/{tenant}/oauth2/v2.0/token",
                 f"{self._base(request)}/{tenant}/oauth2/token",
             }
-            return _verify_assertion(fields["client_assertion"], app, audiences, self.clock())
+            return _verify_assertion(assertion, app, audiences, self.clock()), None
         secret = fields.get("client_secret", basic_secret)
         if secret is None:
             raise AadError(
@@ -471,7 +565,140 @@ class AadStandin:
                 7000215,
                 _invalid_secret(app.client_id),
             )
-        return None
+        return None, None
+
+    async def _verify_federated(self, assertion: str, app: RegisteredApp) -> tuple[str, str]:
+        """A federated identity credential's assertion, checked as Azure AD does: a credential whose
+        issuer, subject and audience match, then the signature against the issuer's published keys
+        (discovery document → JWKS, over HTTPS), then the time range. Returns (algorithm, subject)."""
+        header, claims, signing_input, signature = _oidc.split(assertion)  # parsed already by _is_federated
+        issuer, subject = str(claims.get("iss", "")), str(claims.get("sub", ""))
+        raw_aud = claims.get("aud")
+        audiences = (
+            [raw_aud] if isinstance(raw_aud, str) else [str(a) for a in raw_aud or [] if a is not None]
+        )
+        shown_aud = audiences[0] if audiences else ""
+
+        def mismatch(code: int, what: str, value: str) -> AadError:
+            if self.legacy_federation_errors:
+                code, text = (
+                    70021,
+                    "No matching federated identity record found for presented assertion. "
+                    f"Assertion Issuer: '{issuer}'. Assertion Subject: '{subject}'. Assertion Audience: "
+                    f"'{shown_aud}'. https://docs.microsoft.com/en-us/azure/active-directory/develop/"
+                    "workload-identity-federation",
+                )
+            else:
+                text = (
+                    f"No matching federated identity record found for presented assertion {what} '{value}'. "
+                    "Please check your federated identity credential Subject, Audience and Issuer against "
+                    f"the presented assertion. {_FIC_DOCS}"
+                )
+            return AadError(401, "invalid_client", code, text, federated_subject=subject)
+
+        candidates = [c for c in app.federated_credentials if c.issuer == issuer]
+        if not candidates:
+            raise mismatch(700211, "issuer", issuer)
+        candidates = [c for c in candidates if c.subject == subject]
+        if not candidates:
+            raise mismatch(700213, "subject", subject)
+        if not any(a in c.audiences for c in candidates for a in audiences):
+            raise mismatch(700212, "audience", shown_aud)
+        algorithm = str(header.get("alg", ""))
+        kid = str(header.get("kid", ""))
+        keys = await self._keys_of(issuer, subject)
+        if kid not in keys:  # a rotated key: fetch again before giving up
+            keys = await self._keys_of(issuer, subject, refresh=True)
+        key = keys.get(kid)
+        if key is None or algorithm != "RS256":
+            reason = (
+                "The key was not found." if key is None else f"The algorithm '{algorithm}' is not supported."
+            )
+            raise AadError(
+                401,
+                "invalid_client",
+                700027,
+                f"Client assertion failed signature validation. [Reason - {reason}]",
+                federated_subject=subject,
+            )
+        if not _oidc.verify_rs256(key, signing_input, signature):
+            raise AadError(
+                401,
+                "invalid_client",
+                700027,
+                "Client assertion failed signature validation. [Reason - The provided signature value did "
+                "not match the expected signature value.]",
+                federated_subject=subject,
+            )
+        now = self.clock()
+        exp, nbf = claims.get("exp"), claims.get("nbf", claims.get("iat"))
+        expired = not isinstance(exp, int | float) or exp + CLOCK_SKEW_S < now
+        early = isinstance(nbf, int | float) and nbf - CLOCK_SKEW_S > now
+        if expired or early:
+            raise AadError(
+                401,
+                "invalid_client",
+                700024,
+                f"Client assertion is not within its valid time range. Current time: {_ests_time(now)}, "
+                f"assertion valid from {_ests_time(nbf if isinstance(nbf, int | float) else 0)}, "
+                f"expiry time of assertion {_ests_time(exp if isinstance(exp, int | float) else 0)}. "
+                "Review the documentation at https://learn.microsoft.com/entra/identity-platform/"
+                "certificate-credentials .",
+                federated_subject=subject,
+            )
+        return algorithm, subject
+
+    async def _keys_of(
+        self, issuer: str, subject: str, *, refresh: bool = False
+    ) -> dict[str, rsa.RSAPublicKey]:
+        """The issuer's signing keys by ``kid``: cached for ``jwks_ttl_s``, else fetched (single flight)."""
+        async with self._fetch_lock:
+            cached = self._issuer_keys.get(issuer)
+            now = time.monotonic()
+            if cached is not None and now - cached[0] < self.jwks_ttl_s and not refresh:
+                return cached[1]
+            self.issuer_fetches += 1
+            try:
+                keys = await self._fetch_keys(issuer)
+            except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError, ssl.SSLError):
+                raise AadError(
+                    400,
+                    "invalid_request",
+                    50166,
+                    "Request to External OIDC endpoint failed.",
+                    federated_subject=subject,
+                ) from None
+            self._issuer_keys[issuer] = (time.monotonic(), keys)
+            return keys
+
+    async def _fetch_keys(self, issuer: str) -> dict[str, rsa.RSAPublicKey]:
+        if self._outbound is None:
+            trust = self._trust
+            ctx = (
+                trust
+                if isinstance(trust, ssl.SSLContext)
+                else ssl.create_default_context(cafile=os.fspath(trust) if trust is not None else None)
+            )
+            self._outbound = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=ctx), timeout=aiohttp.ClientTimeout(total=10)
+            )
+        session = self._outbound
+        async with session.get(issuer.rstrip("/") + "/.well-known/openid-configuration") as resp:
+            if resp.status != 200:
+                raise ValueError(f"discovery document: HTTP {resp.status}")
+            document = await resp.json(content_type=None)
+        jwks_uri = document["jwks_uri"]
+        if not isinstance(jwks_uri, str) or not jwks_uri.startswith("https://"):
+            raise ValueError("jwks_uri must be an https URL")
+        async with session.get(jwks_uri) as resp:
+            if resp.status != 200:
+                raise ValueError(f"JWKS: HTTP {resp.status}")
+            jwks = await resp.json(content_type=None)
+        keys: dict[str, rsa.RSAPublicKey] = {}
+        for entry in jwks["keys"]:
+            if isinstance(entry, dict) and entry.get("kty") == "RSA" and entry.get("use", "sig") == "sig":
+                keys[str(entry.get("kid", ""))] = _oidc.public_key_from_jwk(entry)
+        return keys
 
     def _issue(self, tenant: str, client_id: str, scope: str, method: str) -> dict[str, Any]:
         now = int(self.clock())
@@ -572,6 +799,24 @@ def _basic_auth(header: str) -> tuple[str, str | None]:
         return "", None
     user, _, password = decoded.partition(":")
     return urllib.parse.unquote_plus(user), urllib.parse.unquote_plus(password)
+
+
+def _is_federated(assertion: str, app: RegisteredApp) -> bool:
+    """Azure AD tells a federated assertion from the app's own certificate-signed one by its issuer:
+    a certificate assertion names no thumbprint-less key and has ``iss`` = the client ID."""
+    try:
+        header, claims, _, _ = _oidc.split(assertion)
+    except (ValueError, binascii.Error):
+        return False  # malformed: the certificate path answers AADSTS50027
+    if "x5t" in header or "x5t#S256" in header:
+        return False
+    return str(claims.get("iss", "")).casefold() != app.client_id.casefold()
+
+
+def _ests_time(when: float) -> str:
+    """Azure AD's timestamps in error texts: ``2024-05-28T06:01:42.5853621Z``."""
+    moment = dt.datetime.fromtimestamp(when, dt.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond:06d}0Z"
 
 
 def _verify_assertion(assertion: str, app: RegisteredApp, audiences: set[str], now: float) -> str:

@@ -23,6 +23,12 @@ trustme CA, optionally with a bearer token. What it implements, as the real serv
   ``allowWatchBookmarks`` gives BOOKMARK events every ``bookmark_interval_s`` carrying the current
   resourceVersion; ``timeoutSeconds`` ends the stream cleanly;
 * chunked ``{"type": ..., "object": ...}\\n`` lines.
+* ``v1`` ServiceAccounts (served, listed, watched; not advertised in ``/api/v1`` discovery) and their
+  ``token`` subresource, TokenRequest (``POST .../serviceaccounts/{name}/token``), validated as
+  ``pkg/registry/core/serviceaccount/storage/token.go`` does: RS256 tokens with the ``kubernetes.io``
+  claims, signed with a key generated at start (``rotate_signing_key``), recorded in ``issued_tokens``;
+* service-account issuer discovery, anonymous by default: ``/.well-known/openid-configuration`` and
+  ``/openid/v1/jwks``.
 
 Faults: ``cut_next_event`` (half a line, then the connection closes), ``close_watches``,
 ``stall_watches`` (open streams go silent for good), ``pause_watches``/``resume_watches`` (hold
@@ -50,18 +56,32 @@ import secrets
 import signal
 import socket
 import ssl
+import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from standins import _oidc
 
 log = logging.getLogger("standins.apiserver")
 
+OIDC_DISCOVERY_PATH = "/.well-known/openid-configuration"
+OIDC_JWKS_PATH = "/openid/v1/jwks"
+AZURE_AD_TOKEN_EXCHANGE = "api://AzureADTokenExchange"
+"""The audience Azure AD Workload Identity asks for (and Azure AD federated credentials expect)."""
+AUTHENTICATION_GROUP = "authentication.k8s.io"
+DEFAULT_TOKEN_EXPIRATION_S = 3600
+"""``TokenRequestSpec.expirationSeconds`` when the request leaves it out (v1 defaulting)."""
+MIN_TOKEN_EXPIRATION_S = 600
+"""``ValidateTokenRequest``: "may not specify a duration less than 10 minutes"."""
+MAX_TOKEN_EXPIRATION_S = 1 << 32
 CRD_GROUP = "aadpodidentity.k8s.io"
 CRD_VERSION = "v1"
 COORDINATION_GROUP = "coordination.k8s.io"
@@ -109,6 +129,8 @@ class ResourceType:
     returns_deleted: bool = True
     """An immediate DELETE answers with the object (the store's ReturnDeletedObject), else a Status."""
     short_names: tuple[str, ...] = ()
+    advertised: bool = True
+    """Listed in ``/api/v1`` discovery (ServiceAccounts are served but not listed; see the module doc)."""
 
     @property
     def api_version(self) -> str:
@@ -193,6 +215,9 @@ class FieldError:
 RESOURCES: tuple[ResourceType, ...] = (
     ResourceType("pods", "pod", "Pod", field_labels=POD_FIELDS, short_names=("po",)),
     ResourceType("secrets", "secret", "Secret", field_labels=META_FIELDS | {"type"}),
+    ResourceType(
+        "serviceaccounts", "serviceaccount", "ServiceAccount", short_names=("sa",), advertised=False
+    ),
     # Cluster-scoped: stored under namespace "" and served without one (MIC reads spec.providerID).
     ResourceType("nodes", "node", "Node", field_labels=frozenset({"metadata.name"}), namespaced=False),
     ResourceType("azureidentities", "azureidentity", "AzureIdentity", CRD_GROUP, CRD_VERSION),
@@ -278,6 +303,17 @@ class ApiError(Exception):
         if details:
             body["details"] = details
         return body
+
+
+def _token_request_invalid(name: str, error: FieldError) -> ApiError:
+    """422 as ``errors.NewInvalid(TokenRequest.authentication.k8s.io, name, errs)``."""
+    details = {"name": name, "group": AUTHENTICATION_GROUP, "kind": "TokenRequest", "causes": [error.cause()]}
+    return ApiError(
+        422,
+        "Invalid",
+        f'TokenRequest.{AUTHENTICATION_GROUP} "{name}" is invalid: {error.text()}',
+        details=details,
+    )
 
 
 def _now() -> str:
@@ -469,7 +505,8 @@ _METHOD_VERBS = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": 
 class _Scope:
     """Which requests a fault applies to: request verbs (``get``, ``list``, ``watch``, ``create``,
     ``update``, ``patch``, ``delete``, or ``write`` for any of the last four) and resources (plurals or
-    kinds; empty means every resource)."""
+    kinds, or ``plural/subresource`` such as ``serviceaccounts/token``, RBAC's name for TokenRequest;
+    empty means every resource). A bare plural does not cover its subresources, as in RBAC."""
 
     verbs: frozenset[str]
     resources: frozenset[str] = frozenset()
@@ -478,13 +515,19 @@ class _Scope:
     def of(cls, verbs: Iterable[str], resources: Iterable[str] | str | None) -> _Scope:
         if isinstance(resources, str):
             resources = (resources,)
-        plurals = frozenset(FakeApiServer._rtype(r).plural for r in resources or ())
+        plurals = frozenset(_resource_name(r) for r in resources or ())
         return cls(frozenset(verbs), plurals)
 
     def matches(self, verb: str, action: str, plural: str) -> bool:
         if self.resources and plural not in self.resources:
             return False
         return verb in self.verbs or action in self.verbs
+
+
+def _resource_name(resource: str) -> str:
+    """``pods``, ``Pod`` → ``pods``; ``ServiceAccount/token`` → ``serviceaccounts/token``."""
+    base, slash, sub = resource.partition("/")
+    return FakeApiServer._rtype(base).plural + slash + sub
 
 
 @dataclass
@@ -513,11 +556,33 @@ class RequestRecord:
     """Loop time the request arrived."""
     user_agent: str = ""
     resource: str = ""
-    """The plural the path names (``leases``, ``events``), or empty."""
+    """The plural the path names (``leases``, ``events``), with its subresource for one
+    (``serviceaccounts/token``), or empty."""
     action: str = ""
     """The Kubernetes verb: ``verb``, writes told apart (``create``, ``update``, ``patch``, ``delete``)."""
     status: int = 0
     """The HTTP status answered (0 while in flight; for a watch, until its stream ends)."""
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    """One service-account token minted by a TokenRequest (``FakeApiServer.issued_tokens``)."""
+
+    namespace: str
+    service_account: str
+    audiences: tuple[str, ...]
+    expiration_seconds: int
+    """As granted (after the server's maximum), not necessarily as requested."""
+    issued_at: datetime.datetime
+    expires_at: datetime.datetime
+    token: str
+    jti: str
+    kid: str
+    pod: str | None = None
+    """The bound pod's name, for a pod-bound token."""
+    pod_uid: str | None = None
+    bound_kind: str | None = None
+    """``Pod``, ``Secret``, ``Node`` or None (an unbound token)."""
 
 
 # --- the server ------------------------------------------------------------------------------
@@ -537,6 +602,11 @@ class FakeApiServer:
         bookmark_interval_s: float = 60.0,
         default_watch_timeout_s: float = 1800.0,
         max_requests_logged: int = 10_000,
+        issuer: str | None = None,
+        jwks_uri: str | None = None,
+        api_audiences: Sequence[str] | None = None,
+        max_token_expiration_s: int | None = 48 * 3600,
+        anonymous_discovery: bool = True,
     ) -> None:
         self.host = host
         self.port = port
@@ -571,6 +641,20 @@ class FakeApiServer:
         self.requests: deque[RequestRecord] = deque(maxlen=max_requests_logged)
         self._runner: web.AppRunner | None = None
         self._site: web.BaseSite | None = None
+        # Service-account tokens (TokenRequest) and issuer discovery.
+        self._issuer = issuer
+        self._jwks_uri = jwks_uri
+        self.api_audiences: tuple[str, ...] | None = tuple(api_audiences) if api_audiences else None
+        """``--api-audiences``; None means the issuer, as kube-apiserver defaults it."""
+        self.max_token_expiration_s = max_token_expiration_s
+        """``--service-account-max-token-expiration``: longer requests are shortened, with a Warning."""
+        self.anonymous_discovery = anonymous_discovery
+        """Serve the discovery document and JWKS without a bearer token (RBAC's
+        ``system:service-account-issuer-discovery`` bound to ``system:unauthenticated``)."""
+        self.clock: Callable[[], float] = time.time
+        self.issued_tokens: list[IssuedToken] = []
+        self._signing_key = rsa.generate_private_key(65537, 2048)
+        self._verification_keys: list[rsa.RSAPublicKey] = [self._signing_key.public_key()]
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -729,11 +813,10 @@ class FakeApiServer:
     def clear_delays(self) -> None:
         self._delays.clear()
 
-    def _injected(
-        self, failure: _Failure, request: web.Request, action: str, rtype: ResourceType | None
-    ) -> ApiError:
+    def _injected(self, failure: _Failure, request: web.Request, action: str, resource: str) -> ApiError:
         status = failure.status
         name = request.match_info.get("name", "")
+        rtype = BY_PLURAL.get(resource.partition("/")[0])
         if rtype is not None and status == 403:
             namespace = request.match_info.get("namespace")
             where = f' in the namespace "{namespace}"' if namespace else " at the cluster scope"
@@ -744,7 +827,7 @@ class FakeApiServer:
                 403,
                 "Forbidden",
                 f'{subject}: User "system:serviceaccount:default:standin" cannot {action} resource '
-                f'"{rtype.plural}" in API group "{rtype.group}"{where}',
+                f'"{resource}" in API group "{rtype.group}"{where}',
                 details=rtype.details(name),
             )
         if rtype is not None and status == 409:
@@ -807,6 +890,216 @@ class FakeApiServer:
         self._compacted_rv = self._rv
         self._gone_as_http = as_http_error
         self._snapshots.clear()
+
+    # --- service-account tokens and issuer discovery -----------------------------------------
+
+    @property
+    def issuer(self) -> str:
+        """``--service-account-issuer``: the ``iss`` of the tokens; by default this server's URL."""
+        return self._issuer or self.url
+
+    @property
+    def jwks_uri(self) -> str:
+        """``--service-account-jwks-uri``; by default ``<this server>/openid/v1/jwks``."""
+        return self._jwks_uri or f"{self.url}{OIDC_JWKS_PATH}"
+
+    @property
+    def signing_key_id(self) -> str:
+        return _oidc.key_id(self._signing_key.public_key())
+
+    def openid_configuration(self) -> dict[str, Any]:
+        """The document served at ``/.well-known/openid-configuration``."""
+        return {
+            "issuer": self.issuer,
+            "jwks_uri": self.jwks_uri,
+            "response_types_supported": ["id_token"],
+            "subject_types_supported": ["public"],
+            "id_token_signing_alg_values_supported": ["RS256"],
+        }
+
+    def jwks(self) -> dict[str, Any]:
+        """The key set served at ``/openid/v1/jwks``: every key tokens are verified with."""
+        return {"keys": [_oidc.jwk(key, _oidc.key_id(key)) for key in self._verification_keys]}
+
+    def rotate_signing_key(self, *, keep_old: bool = False) -> str:
+        """Sign new tokens with a fresh RSA key; returns its key id. With ``keep_old`` the old public
+        keys stay in the JWKS (a rotation with both keys in ``--service-account-key-file``); without,
+        tokens issued before no longer verify anywhere."""
+        self._signing_key = rsa.generate_private_key(65537, 2048)
+        fresh = self._signing_key.public_key()
+        self._verification_keys = [fresh, *self._verification_keys] if keep_old else [fresh]
+        return _oidc.key_id(fresh)
+
+    def create_token(
+        self, namespace: str, service_account: str, request: Mapping[str, Any] | None = None
+    ) -> tuple[dict[str, Any], list[str]]:
+        """A TokenRequest for ``service_account`` as the server's ``serviceaccounts/token`` REST
+        handles it (pkg/registry/core/serviceaccount/storage/token.go): the TokenRequest answered
+        (with ``status.token``) and the warnings. Raises ``ApiError`` with the real server's Status."""
+        body = copy.deepcopy(dict(request or {}))
+        kind = body.get("kind") or "TokenRequest"
+        if kind != "TokenRequest":
+            raise ApiError(
+                400,
+                "BadRequest",
+                f"the kind in the data ({kind}) does not match the expected kind (TokenRequest)",
+            )
+        meta = body.get("metadata") or {}
+        spec = body.get("spec") or {}
+        if not isinstance(meta, dict) or not isinstance(spec, dict):
+            raise ApiError(400, "BadRequest", "TokenRequest: metadata and spec must be objects")
+        audiences = spec.get("audiences") or []
+        expiration = spec.get("expirationSeconds")
+        ref = spec.get("boundObjectRef")
+        if (
+            not isinstance(audiences, list)
+            or not all(isinstance(a, str) for a in audiences)
+            or (expiration is not None and (not isinstance(expiration, int) or isinstance(expiration, bool)))
+            or (ref is not None and not isinstance(ref, dict))
+        ):
+            raise ApiError(
+                400,
+                "BadRequest",
+                'TokenRequest in version "v1" cannot be handled as a TokenRequest: json: cannot unmarshal '
+                "the spec (audiences: []string, expirationSeconds: int64, boundObjectRef: object)",
+            )
+        for fld, want, what in (
+            ("name", service_account, "service account name"),
+            ("namespace", namespace, "service account namespace"),
+        ):
+            if meta.get(fld) and meta[fld] != want:
+                raise _token_request_invalid(
+                    service_account,
+                    FieldError(f"metadata.{fld}", f"must match the {what} if specified", meta[fld]),
+                )
+        sa = self._objects["serviceaccounts"].get((namespace, service_account))
+        if sa is None:
+            raise BY_PLURAL["serviceaccounts"].not_found(service_account)
+        audiences = list(audiences) or list(self.api_audiences or (self.issuer,))
+        expiration = DEFAULT_TOKEN_EXPIRATION_S if expiration is None else expiration
+        now = int(self.clock())
+        if expiration < MIN_TOKEN_EXPIRATION_S:
+            raise _token_request_invalid(
+                "",
+                FieldError(
+                    "spec.expirationSeconds", "may not specify a duration less than 10 minutes", expiration
+                ),
+            )
+        if expiration > MAX_TOKEN_EXPIRATION_S:
+            raise _token_request_invalid(
+                "",
+                FieldError(
+                    "spec.expirationSeconds",
+                    "may not specify a duration larger than 2^32 seconds",
+                    expiration,
+                ),
+            )
+        private: dict[str, Any] = {
+            "namespace": namespace,
+            "serviceaccount": {"name": service_account, "uid": sa["metadata"]["uid"]},
+        }
+        bound_kind, pod_name, pod_uid = self._bind(namespace, service_account, ref, private)
+        warnings: list[str] = []
+        ceiling = self.max_token_expiration_s
+        if ceiling and expiration > ceiling:
+            warnings.append(f"requested expiration of {expiration} seconds shortened to {ceiling} seconds")
+            expiration = ceiling
+        kid = self.signing_key_id
+        jti = str(uuid.uuid4())
+        claims = {
+            "aud": audiences,
+            "exp": now + expiration,
+            "iat": now,
+            "iss": self.issuer,
+            "jti": jti,
+            "kubernetes.io": private,
+            "nbf": now,
+            "sub": f"system:serviceaccount:{namespace}:{service_account}",
+        }
+        token = _oidc.sign_rs256(self._signing_key, {"alg": "RS256", "kid": kid}, claims)
+        issued = datetime.datetime.fromtimestamp(now, datetime.UTC)
+        expires = datetime.datetime.fromtimestamp(now + expiration, datetime.UTC)
+        self.issued_tokens.append(
+            IssuedToken(
+                namespace,
+                service_account,
+                tuple(audiences),
+                expiration,
+                issued,
+                expires,
+                token,
+                jti,
+                kid,
+                pod_name,
+                pod_uid,
+                bound_kind,
+            )
+        )
+        out_spec: dict[str, Any] = {"audiences": audiences, "expirationSeconds": expiration}
+        if ref is not None:
+            out_spec["boundObjectRef"] = ref
+        answer = {
+            "kind": "TokenRequest",
+            "apiVersion": f"{AUTHENTICATION_GROUP}/v1",
+            "metadata": {
+                "name": service_account,
+                "namespace": namespace,
+                "creationTimestamp": issued.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            },
+            "spec": out_spec,
+            "status": {"token": token, "expirationTimestamp": expires.strftime("%Y-%m-%dT%H:%M:%SZ")},
+        }
+        return answer, warnings
+
+    def _bind(
+        self, namespace: str, service_account: str, ref: Mapping[str, Any] | None, private: dict[str, Any]
+    ) -> tuple[str | None, str | None, str | None]:
+        """Check ``spec.boundObjectRef`` and add its claims: (kind, pod name, pod uid)."""
+        if ref is None:
+            return None, None, None
+        kind, name, want_uid = str(ref.get("kind", "")), str(ref.get("name", "")), str(ref.get("uid", ""))
+        api_version = str(ref.get("apiVersion", ""))
+        group, _, version = api_version.rpartition("/")
+        pod_name = pod_uid = None
+        if group == "" and kind == "Pod":
+            bound = self._objects["pods"].get((namespace, name))
+            if bound is None:
+                raise BY_PLURAL["pods"].not_found(name)
+            # The ServiceAccount admission plugin gives every pod "default" when it names none.
+            if (bound.get("spec") or {}).get("serviceAccountName", "default") != service_account:
+                raise ApiError(
+                    400,
+                    "BadRequest",
+                    f'cannot bind token for serviceaccount "{service_account}" to pod running with different '
+                    "serviceaccount name.",
+                )
+            pod_name, pod_uid = name, bound["metadata"]["uid"]
+            private["pod"] = {"name": name, "uid": pod_uid}
+            node_name = (bound.get("spec") or {}).get("nodeName")
+            node_obj = self._objects["nodes"].get(("", node_name)) if node_name else None
+            if node_obj is not None:  # ServiceAccountTokenPodNodeInfo: the node, when it exists
+                private["node"] = {"name": node_name, "uid": node_obj["metadata"]["uid"]}
+        elif group == "" and kind in ("Secret", "Node"):
+            plural = "secrets" if kind == "Secret" else "nodes"
+            bound = self._objects[plural].get((namespace if kind == "Secret" else "", name))
+            if bound is None:
+                raise BY_PLURAL[plural].not_found(name)
+            private[kind.lower()] = {"name": name, "uid": bound["metadata"]["uid"]}
+        else:
+            raise ApiError(
+                400, "BadRequest", f"cannot bind token to object of type {group}/{version}, Kind={kind}"
+            )
+        uid = bound["metadata"]["uid"]
+        if want_uid and want_uid != uid:
+            raise ApiError(
+                409,
+                "Conflict",
+                f'Operation cannot be fulfilled on {kind} "{name}": the UID in the bound object reference '
+                f"({want_uid}) does not match the UID in record. The object might have been deleted and then "
+                "recreated",
+                details={"name": name, "kind": kind},
+            )
+        return kind, pod_name, pod_uid
 
     # --- the store (Python API) --------------------------------------------------------------
 
@@ -1037,6 +1330,11 @@ class FakeApiServer:
         r.add_get("/readyz", self._ok)
         r.add_get("/livez", self._ok)
         r.add_get("/api/v1", self._resource_list_core)
+        r.add_get(OIDC_DISCOVERY_PATH, self._oidc_discovery)
+        r.add_get(OIDC_JWKS_PATH, self._oidc_jwks)
+        r.add_post(
+            "/api/{version}/namespaces/{namespace}/{plural}/{name}/{subresource}", self._create_subresource
+        )
         r.add_get("/apis/{group}", self._api_group)
         r.add_get("/apis/{group}/{version}", self._resource_list_group)
         for prefix in ("/api/{version}", "/apis/{group}/{version}"):
@@ -1069,6 +1367,8 @@ class FakeApiServer:
     async def _middleware(self, request: web.Request, handler: Callable[..., Any]) -> web.StreamResponse:
         verb = self._verb(request)
         plural = request.match_info.get("plural", "")
+        if "subresource" in request.match_info:
+            plural = f"{plural}/{request.match_info['subresource']}"
         action = _METHOD_VERBS.get(request.method, verb) if verb == "write" else verb
         record = RequestRecord(
             request.method,
@@ -1084,14 +1384,19 @@ class FakeApiServer:
         self._touch()
         response: web.StreamResponse
         try:
-            if self.token is not None and request.headers.get("Authorization") != f"Bearer {self.token}":
+            anonymous = self.anonymous_discovery and request.path in (OIDC_DISCOVERY_PATH, OIDC_JWKS_PATH)
+            if (
+                self.token is not None
+                and not anonymous
+                and request.headers.get("Authorization") != f"Bearer {self.token}"
+            ):
                 raise ApiError(401, "Unauthorized", "Unauthorized")
             if before := self._delay(verb, action, plural, after=False):
                 await asyncio.sleep(before)
             failure = next((f for f in self._failures if f.scope.matches(verb, action, plural)), None)
             if failure is not None:
                 self._failures.remove(failure)
-                raise self._injected(failure, request, action, BY_PLURAL.get(plural))
+                raise self._injected(failure, request, action, plural)
             response = await handler(request)
         except ApiError as exc:
             response = self._status(exc)
@@ -1180,7 +1485,9 @@ class FakeApiServer:
 
     async def _resource_list_core(self, request: web.Request) -> web.Response:
         # Nodes are served but not advertised, which keeps the discovery document as it was.
-        return web.json_response(self._resource_list("v1", (r for r in RESOURCES if r.core and r.namespaced)))
+        return web.json_response(
+            self._resource_list("v1", (r for r in RESOURCES if r.core and r.namespaced and r.advertised))
+        )
 
     async def _resource_list_group(self, request: web.Request) -> web.Response:
         m = request.match_info
@@ -1377,6 +1684,29 @@ class FakeApiServer:
         if obj is None:
             raise rtype.not_found(m["name"])
         return web.json_response(obj)
+
+    async def _oidc_discovery(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            self.openid_configuration(), headers={"Cache-Control": "public, max-age=3600"}
+        )
+
+    async def _oidc_jwks(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            self.jwks(),
+            content_type="application/jwk-set+json",
+            headers={"Cache-Control": "public, max-age=3600"},
+        )
+
+    async def _create_subresource(self, request: web.Request) -> web.Response:
+        """POST to a subresource: only ``serviceaccounts/{name}/token`` (TokenRequest) is served."""
+        rtype = self._resolve(request)
+        m = request.match_info
+        if rtype.plural != "serviceaccounts" or m["subresource"] != "token":
+            raise ApiError(404, "NotFound", "the server could not find the requested resource")
+        body = await self._body(request)
+        answer, warnings = self.create_token(m["namespace"], m["name"], body)
+        headers = {"Warning": ", ".join(f'299 - "{w}"' for w in warnings)} if warnings else None
+        return web.json_response(answer, status=201, headers=headers)
 
     async def _body(self, request: web.Request) -> dict[str, Any]:
         try:
@@ -1627,19 +1957,25 @@ def pod(
     phase: str = "Running",
     labels: Mapping[str, str] | None = None,
     host_network: bool = False,
+    service_account: str | None = None,
 ) -> dict[str, Any]:
+    """A Pod; ``service_account`` sets ``spec.serviceAccountName`` (unset means "default", as the
+    ServiceAccount admission plugin would make it)."""
     if ip is None:
         n = next(_ip_counter)
         ip = f"10.244.{(n >> 8) & 255}.{n & 255}"
+    spec: dict[str, Any] = {
+        "nodeName": node,
+        "hostNetwork": host_network,
+        "containers": [{"name": "app", "image": "app"}],
+    }
+    if service_account is not None:
+        spec["serviceAccountName"] = service_account
     return {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {"name": name, "namespace": namespace, "labels": dict(labels or {})},
-        "spec": {
-            "nodeName": node,
-            "hostNetwork": host_network,
-            "containers": [{"name": "app", "image": "app"}],
-        },
+        "spec": spec,
         "status": {"phase": phase, "podIP": ip},
     }
 
@@ -1726,6 +2062,17 @@ def exception(name: str, pod_labels: Mapping[str, str], *, namespace: str = "def
         "metadata": {"name": name, "namespace": namespace},
         "spec": {"podLabels": dict(pod_labels)},
     }
+
+
+def service_account(
+    name: str, *, namespace: str = "default", annotations: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """A ``v1`` ServiceAccount; Azure AD Workload Identity reads the annotations
+    ``azure.workload.identity/client-id`` and (optionally) ``azure.workload.identity/tenant-id``."""
+    meta: dict[str, Any] = {"name": name, "namespace": namespace}
+    if annotations:
+        meta["annotations"] = dict(annotations)
+    return {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta}
 
 
 def secret(name: str, data: Mapping[str, str], *, namespace: str = "default") -> dict[str, Any]:

@@ -8,6 +8,16 @@ Needs root and iproute2. Layout (defaults)::
                     vethN: bridge ports, peers of the pods' eth0
     <prefix>-podN   lo; eth0 10.244.0.(N+2)/24, default via 10.244.0.1
 
+``topology="routed"`` builds the other common layout instead (Azure CNI transparent mode,
+Calico, Cilium with legacy routing): no bridge; each pod's host veth carries a /32 route to the
+pod and answers ARP for the pod's gateway (proxy ARP without delay, forwarding on)::
+
+    <prefix>-node   vethN: no address, proxy_arp=1, route <pod ip>/32 dev vethN
+    <prefix>-podN   eth0 <pod ip>/32; 169.254.1.1 dev eth0 scope link; default via 169.254.1.1
+
+In both, ``rp_filter`` is 0 in the node (the kernel's own reverse-path check is off), so what
+stops a forged source address is only what a test installs.
+
 Pods can also be given their addresses (``Node(pods=["10.244.1.10", "10.244.1.11"])``): the
 bridge subnet is then the /24 of the first one, and the bridge takes the first free address.
 
@@ -78,6 +88,8 @@ HELPER = [sys.executable, "-m", "standins.netns"]
 _counter = itertools.count()
 _STALE = re.compile(rf"^{BASE_PREFIX}(\d+)x")
 DEFAULT_POD_CIDR = "10.244.0.0/24"
+ROUTED_GATEWAY = "169.254.1.1"
+TOPOLOGIES = ("bridge", "routed")
 
 
 class HarnessError(RuntimeError):
@@ -233,7 +245,11 @@ class Node:
         pod_cidr: str | None = None,
         node_address: str = "10.240.0.4/16",
         metadata_ip: str = "169.254.169.254",
+        topology: str = "bridge",
     ) -> None:
+        if topology not in TOPOLOGIES:
+            raise HarnessError(f"topology must be one of {', '.join(TOPOLOGIES)}, got {topology!r}")
+        self.topology = topology
         self.prefix = prefix or unique_prefix()
         self.ns = f"{self.prefix}-node"
         self.bridge = bridge
@@ -287,12 +303,19 @@ class Node:
 
     def _build(self) -> None:
         _ip_batch([f"netns add {name}" for name in self.namespaces])
+        if self.topology == "routed":
+            self._build_routed()
+        else:
+            self._build_bridge()
+        # Off, as the default of a new namespace and of many CNIs: only explicit rules stop spoofing.
+        rp_filter = ["net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0"]
+        self.run_in(self.ns, ["sysctl", "-qw", *rp_filter])
+        if self.route_localnet:
+            self.set_route_localnet(True)
+
+    def _uplink(self) -> list[str]:
         gateway = self.node_interface.network.network_address + 1
-        node = [
-            "link set lo up",
-            f"link add {self.bridge} type bridge",
-            f"addr add {self.bridge_ip}/{self._pod_prefixlen} dev {self.bridge}",
-            f"link set {self.bridge} up",
+        return [
             # On lo rather than a dummy link: some kernels (Firecracker CI VMs) lack the dummy driver.
             f"addr add {self.metadata_ip}/32 dev lo",
             # The uplink is a veth whose peer stays in the node namespace, for the same reason.
@@ -301,6 +324,43 @@ class Node:
             "link set uplink0 up",
             "link set eth0 up",
             f"route add default via {gateway} dev eth0",
+        ]
+
+    def _build_routed(self) -> None:
+        self.run_in(self.ns, ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        node = ["link set lo up", *self._uplink()]
+        for pod in self.pods:
+            node += [
+                f"link add {pod.host_veth} type veth peer name eth0 netns {pod.ns}",
+                f"link set {pod.host_veth} up",
+                f"route add {pod.ip}/32 dev {pod.host_veth}",
+            ]
+        _ip_batch(node, self.ns)
+        keys = [f"net.ipv4.conf.{pod.host_veth}.proxy_arp=1" for pod in self.pods]
+        keys += [f"net.ipv4.conf.{pod.host_veth}.rp_filter=0" for pod in self.pods]
+        # As Calico does: answer proxy ARP at once (the default delays it up to 0.8 s).
+        keys += [f"net.ipv4.neigh.{pod.host_veth}.proxy_delay=0" for pod in self.pods]
+        if keys:
+            self.run_in(self.ns, ["sysctl", "-qw", *keys])
+        for pod in self.pods:
+            _ip_batch(
+                [
+                    "link set lo up",
+                    f"addr add {pod.ip}/32 dev eth0",
+                    "link set eth0 up",
+                    f"route add {ROUTED_GATEWAY} dev eth0 scope link",
+                    f"route add default via {ROUTED_GATEWAY} dev eth0",
+                ],
+                pod.ns,
+            )
+
+    def _build_bridge(self) -> None:
+        node = [
+            "link set lo up",
+            f"link add {self.bridge} type bridge",
+            f"addr add {self.bridge_ip}/{self._pod_prefixlen} dev {self.bridge}",
+            f"link set {self.bridge} up",
+            *self._uplink(),
         ]
         for pod in self.pods:
             node += [
@@ -318,12 +378,11 @@ class Node:
                 ],
                 pod.ns,
             )
-        if self.route_localnet:
-            self.set_route_localnet(True)
 
     def set_route_localnet(self, enabled: bool) -> None:
         value = int(enabled)
-        keys = [f"net.ipv4.conf.{name}.route_localnet={value}" for name in ("all", self.bridge)]
+        names = ("all", self.bridge) if self.topology == "bridge" else ("all",)
+        keys = [f"net.ipv4.conf.{name}.route_localnet={value}" for name in names]
         self.run_in(self.ns, ["sysctl", "-qw", *keys])
 
     def destroy(self) -> None:
@@ -449,9 +508,23 @@ class Node:
         parsed: dict[str, Any] = json.loads(result.stdout)
         return parsed
 
+    def rule_packets(self, table: str, rule: str) -> int | None:
+        """Packet counter of the rule whose ``iptables-save`` text (after ``-A``) contains ``rule``."""
+        text = self.run_in(self.ns, ["iptables-save", "-c", "-t", table]).stdout
+        for line in text.splitlines():
+            match = re.match(r"^\[(\d+):\d+\] -A (.*)$", line)
+            if match and rule in match[2]:
+                return int(match[1])
+        return None
+
     def describe(self) -> dict[str, Any]:
         return {
-            "node": {"ns": self.ns, "ip": self.node_ip, "bridge_ip": self.bridge_ip},
+            "node": {
+                "ns": self.ns,
+                "ip": self.node_ip,
+                "bridge_ip": self.bridge_ip,
+                "topology": self.topology,
+            },
             "metadata_ip": self.metadata_ip,
             "pods": [{"ns": pod.ns, "ip": pod.ip} for pod in self.pods],
         }
@@ -593,6 +666,54 @@ def _wait_http_main(argv: Sequence[str]) -> int:
         time.sleep(0.05)
 
 
+def _checksum(data: bytes) -> int:
+    """The Internet checksum (RFC 1071) of ``data``."""
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(int.from_bytes(data[i : i + 2], "big") for i in range(0, len(data), 2))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def tcp_syn(src: str, dst: str, sport: int, dport: int, *, seq: int = 1, ident: int = 1) -> bytes:
+    """An IPv4 packet carrying a TCP SYN from ``src:sport`` to ``dst:dport``, checksums computed."""
+    import struct
+
+    saddr, daddr = ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed
+    # data offset 5 words, flags SYN; window 64240; checksum 0 while computing it.
+    tcp = struct.pack("!HHIIBBHHH", sport, dport, seq, 0, 5 << 4, 0x02, 64240, 0, 0)
+    pseudo = saddr + daddr + struct.pack("!BBH", 0, 6, len(tcp))
+    tcp = tcp[:16] + struct.pack("!H", _checksum(pseudo + tcp)) + tcp[18:]
+    # version 4, IHL 5; total length; DF; TTL 64; protocol TCP; checksum 0 while computing it.
+    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), ident, 0x4000, 64, 6, 0, saddr, daddr)
+    header = header[:10] + struct.pack("!H", _checksum(header)) + header[12:]
+    return header + tcp
+
+
+def _spoof_syn_main(argv: Sequence[str]) -> None:
+    """Send TCP SYNs with a forged source address from a raw socket (needs only CAP_NET_RAW).
+
+    ``IPPROTO_RAW`` implies ``IP_HDRINCL``: the kernel routes by the destination and sends the
+    header as written, source included. Prints ``{"sent": N}``.
+    """
+    import socket
+
+    parser = argparse.ArgumentParser(prog="standins.netns spoof-syn")
+    parser.add_argument("--src", required=True, help="the forged source address (the victim's)")
+    parser.add_argument("--dst", default="169.254.169.254")
+    parser.add_argument("--dport", type=int, default=80)
+    parser.add_argument("--sport", type=int, default=40000)
+    parser.add_argument("--count", type=int, default=1)
+    args = parser.parse_args(argv)
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as raw:
+        raw.setsockopt(socket.IPPROTO_IP, socket.IP_HDRINCL, 1)
+        for n in range(args.count):
+            packet = tcp_syn(args.src, args.dst, args.sport + n, args.dport, seq=1000 + n, ident=n + 1)
+            raw.sendto(packet, (args.dst, 0))
+    print(json.dumps({"sent": args.count}), flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m standins.netns up [--pods N]`` builds a node and keeps it until SIGINT/SIGTERM;
     ``cleanup`` deletes namespaces left by dead runs; ``record``, ``client`` and ``wait-http`` are
@@ -602,12 +723,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         "record": _record_main,
         "client": _client_main,
         "wait-http": _wait_http_main,
+        "spoof-syn": _spoof_syn_main,
     }
     if args_list and args_list[0] in helpers:
         sys.exit(helpers[args_list[0]](args_list[1:]))
     parser = argparse.ArgumentParser(prog="standins.netns")
     parser.add_argument("command", choices=["up", "cleanup", *helpers])
     parser.add_argument("--pods", type=int, default=2)
+    parser.add_argument("--topology", choices=TOPOLOGIES, default="bridge")
     args = parser.parse_args(args_list)
     require_netns()
     if args.command == "cleanup":
@@ -615,7 +738,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     stop = {signal.SIGINT, signal.SIGTERM}
     signal.pthread_sigmask(signal.SIG_BLOCK, stop)
-    with Node(pods=args.pods) as node:
+    with Node(pods=args.pods, topology=args.topology) as node:
         print(json.dumps(node.describe()), flush=True)
         signal.sigwait(stop)
 

@@ -1,7 +1,8 @@
 """``nmi-sandbox``: a node with its pods on this machine, from a ``--cluster-state`` file.
 
 ``up FILE`` builds a node network namespace and one namespace per pod (each with its
-``status.podIP``, on a bridge with the node), starts the IMDS stand-in on 169.254.169.254:80 and
+``status.podIP``, on a bridge with the node, or with ``--topology routed`` each behind its own
+host veth with a /32 route, no bridge), starts the IMDS stand-in on 169.254.169.254:80 and
 the real NMI (iptables management on) inside the node, waits for NMI's ``/readyz`` and returns,
 leaving both running in the background. ``exec POD -- CMD`` runs a command in a pod's namespace;
 ``status`` says what is up; ``down`` removes everything ``up`` made.
@@ -188,6 +189,7 @@ class Sandbox:
         state_dir: Path = STATE_DIR,
         nmi_args: Sequence[str] = (),
         ready_timeout: float = 20.0,
+        topology: str = "bridge",
     ) -> Sandbox:
         from nmi.cluster_file import load
         from podidentity.errors import ConfigError
@@ -210,7 +212,7 @@ class Sandbox:
             network, _ = pod_network(ips)
             # The node's uplink (which goes nowhere) must not overlap the pods' subnet.
             uplink = next(u for u in UPLINKS if not ipaddress.IPv4Interface(u).network.overlaps(network))
-            node = Node(ips, prefix=prefix, node_address=uplink)
+            node = Node(ips, prefix=prefix, node_address=uplink, topology=topology)
         except HarnessError as exc:
             raise SandboxError(str(exc)) from None
 
@@ -243,6 +245,7 @@ class Sandbox:
                 "namespaces": node.namespaces,
                 "subnet": str(node.pod_network),
                 "bridge_ip": node.bridge_ip,
+                "topology": topology,
                 "metadata": f"{METADATA_IP}:{METADATA_PORT}",
                 "ports": {"nmi": NMI_PORT, "probe": PROBE_PORT, "metrics": METRICS_PORT},
                 "pods": entries,
@@ -453,6 +456,12 @@ class Sandbox:
     def readiness(self) -> dict[str, Any]:
         return self.http(self.node_ns, "127.0.0.1", PROBE_PORT, "/readyz", no_metadata=True)
 
+    def raw_rules(self) -> str:
+        """``iptables-save -t raw`` in the node, without comments and counters."""
+        text = self.run(self.node_ns, ["iptables-save", "-t", "raw"], check=True).stdout
+        lines = [line for line in text.splitlines() if not line.startswith("#")]
+        return "\n".join(re.sub(r"\[\d+:\d+\]$", "[0:0]", line) for line in lines)
+
     def nat_rules(self) -> str:
         """``iptables-save -t nat`` in the node, without comments and counters."""
         text = self.run(self.node_ns, ["iptables-save", "-t", "nat"], check=True).stdout
@@ -528,7 +537,10 @@ def _require(prefix: str, state_dir: Path) -> Sandbox:
 def _print_status(info: dict[str, Any]) -> None:
     print(f"sandbox {info['prefix']}: {info['status']}, node {info['node_name']} ({info['mode']} mode)")
     print(f"  cluster state  {info['cluster_state']}")
-    print(f"  node netns     {info['node_ns']}  bridge {info['bridge_ip']} ({info['subnet']})")
+    if info.get("topology", "bridge") == "routed":
+        print(f"  node netns     {info['node_ns']}  routed pods, a /32 route each ({info['subnet']})")
+    else:
+        print(f"  node netns     {info['node_ns']}  bridge {info['bridge_ip']} ({info['subnet']})")
     ports = info["ports"]
     print(
         f"  endpoints      NMI 127.0.0.1:{ports['nmi']}, /readyz :{ports['probe']}, "
@@ -558,11 +570,18 @@ def _parser() -> argparse.ArgumentParser:
         "up",
         parents=[common],
         help="build the node and pods, start IMDS stand-in and NMI",
-        usage="nmi-sandbox up FILE [--mode standard|managed] [--prefix NAME] [-- MORE NMI FLAGS...]",
+        usage="nmi-sandbox up FILE [--mode standard|managed] [--topology bridge|routed] [--prefix NAME] "
+        "[-- MORE NMI FLAGS...]",
     )
     up.add_argument("file", help="a --cluster-state YAML file")
     up.add_argument("--mode", choices=["standard", "managed"], default="standard")
     up.add_argument("--ready-timeout", type=float, default=20.0)
+    up.add_argument(
+        "--topology",
+        choices=["bridge", "routed"],
+        default="bridge",
+        help="pods on a bridge (kubenet-like) or each behind its own routed veth (Calico-like)",
+    )
     ex = sub.add_parser("exec", parents=[common], help="run a command inside a pod's network namespace")
     ex.add_argument("pod", help="name or namespace/name")
     ex.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
@@ -600,6 +619,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             state_dir=state_dir,
             nmi_args=args.nmi_args,
             ready_timeout=args.ready_timeout,
+            topology=args.topology,
         )
         pods = ", ".join(f"{p.name} {p.ip}" for p in sandbox.pods() if p.netns)
         print(

@@ -350,6 +350,8 @@ def test_nmi_rbac_reads_and_only_patches_nodes() -> None:
     for rule in rules:
         if rule["resources"] == ["nodes"]:
             assert set(rule["verbs"]) == {"get", "patch"} and rule["apiGroups"] == [""]
+        elif rule["resources"] == ["serviceaccounts/token"]:
+            assert rule["verbs"] == ["create"]  # workload identity: tokens for pods of its node
         else:
             assert set(rule["verbs"]) <= {"get", "list", "watch"}
     assert any(r["resources"] == ["nodes"] for r in rules)

@@ -71,7 +71,7 @@ from nmi.tokens.credentials import (
 )
 from podidentity.clouds import MICROSOFT_AUTHORITY_HOSTS
 from podidentity.errors import BadRequest, ServiceError, UpstreamRefused, UpstreamUnavailable
-from podidentity.imds.metrics import OP_AAD
+from podidentity.imds.metrics import OP_AAD, OP_FEDERATED
 from podidentity.model import AzureIdentity, IdentityType, ObjectKey, Secret
 from podidentity.tokens import Token, TokenRequest
 
@@ -114,8 +114,12 @@ class MsalTokenSource:
         clock: Callable[[], float] = time.time,
         http_timeout_s: float = 10.0,
         on_credentials_changed: CredentialsChanged | None = None,
+        assertions: AssertionProvider | None = None,
+        federation: FederationSettings | None = None,
     ) -> None:
         self._read_secret = secret_reader
+        self._assertions = assertions
+        self._federation = federation or FederationSettings(authority_host=default_authority_host)
         self._allow_cross_namespace = allow_cross_namespace_secrets
         self._default_authority_host = default_authority_host
         self._clock = clock
@@ -140,6 +144,8 @@ class MsalTokenSource:
         self._m_errors = metrics.imds_errors.labels(operation_type=OP_AAD)
         self._m_secret_errors = metrics.kube_errors.labels(operation_type="get_secret")
         self._m_throttled = metrics.upstream_retries.labels(reason="throttled")
+        self._m_federated_duration = metrics.imds_operations.labels(operation_type=OP_FEDERATED)
+        self._m_federated_errors = metrics.imds_errors.labels(operation_type=OP_FEDERATED)
 
     # ------------------------------------------------------------------ public
 
@@ -148,6 +154,8 @@ class MsalTokenSource:
         if self._closed:
             raise UpstreamUnavailable(_SHUT_DOWN)
         identity = request.identity
+        if identity is not None and identity.type is IdentityType.FEDERATED:
+            return await self._fetch_federated(request, identity, deadline)
         if identity is None or identity.type not in (
             IdentityType.SERVICE_PRINCIPAL,
             IdentityType.SERVICE_PRINCIPAL_CERTIFICATE,
@@ -168,12 +176,43 @@ class MsalTokenSource:
         self._note_fingerprint(identity, fingerprint)
         try:
             key = _AppKey(authority, identity.client_id_folded, fingerprint)
-            app = await self._app(identity, secret, key, deadline)
+            app = await self._app(key, lambda: self._build_app(identity, secret, key), deadline)
             token = await self._acquire(identity, app, request.resource, deadline)
         except (UpstreamRefused, UpstreamUnavailable):
             self._m_errors.inc()
             raise
         self._m_duration.observe(loop.time() - started)
+        return token
+
+    async def _fetch_federated(
+        self, request: TokenRequest, identity: AzureIdentity, deadline: float
+    ) -> Token:
+        """Workload identity: the pod's service-account token is the client assertion (jwt-bearer)."""
+        if self._assertions is None or request.pod is None or not request.service_account:
+            raise UpstreamUnavailable("federated identities need the Kubernetes API (service-account tokens)")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        tenant = identity.tenant_id or self._federation.tenant_id
+        if not tenant:
+            raise UpstreamUnavailable(
+                "no tenant for this federated client: set the service account's azure.workload.identity/"
+                "tenant-id annotation, the identity's tenantID, or --federation-tenant-id"
+            )
+        host = identity.ad_endpoint or self._federation.authority_host
+        authority = host.rstrip("/") + "/" + tenant
+        try:
+            assertion = await self._assertions(request, deadline)
+            # One application per client and service account; its assertion callback reads the latest token.
+            key = _AppKey(authority, identity.client_id_folded, "federated:" + request.service_account)
+            holder = _FederatedAssertion()
+            app = await self._app(key, lambda: self._build_federated_app(identity, key, holder), deadline)
+            assert isinstance(app.assertion, _FederatedAssertion)
+            app.assertion.current = assertion
+            token = await self._acquire(identity, app, request.resource, deadline)
+        except (UpstreamRefused, UpstreamUnavailable):
+            self._m_federated_errors.inc()
+            raise
+        self._m_federated_duration.observe(loop.time() - started)
         return token
 
     def forget(self, identity: AzureIdentity) -> None:
@@ -257,14 +296,14 @@ class MsalTokenSource:
 
     # ---------------------------------------------------------------- MSAL app
 
-    async def _app(self, identity: AzureIdentity, secret: Secret, key: _AppKey, deadline: float) -> _App:
+    async def _app(self, key: _AppKey, build: Callable[[], _App], deadline: float) -> _App:
         app = self._apps.get(key)
         if app is not None:
             self._apps.move_to_end(key)
             return app
         building = self._building.get(key)
         if building is None:
-            building = self._submit(self._build_app, identity, secret, key)
+            building = self._submit(build)
             self._building[key] = building
             building.add_done_callback(lambda done: self._built(key, done))
         try:
@@ -310,11 +349,21 @@ class MsalTokenSource:
             # of CPU with the GIL held, stalling the event loop) each time it signs. MSAL calls this for every
             # token request it sends, with the token endpoint it discovered as the audience.
             client_credential = {"client_assertion": _Assertion(credential, identity.client_id)}
+        return _App(msal_app=self._msal_app(identity, key, client_credential), key=key, redact=redact)
+
+    def _build_federated_app(
+        self, identity: AzureIdentity, key: _AppKey, holder: _FederatedAssertion
+    ) -> _App:
+        """In a worker thread: the MSAL application of a federated client (authority discovery)."""
+        msal_app = self._msal_app(identity, key, {"client_assertion": holder})
+        return _App(msal_app=msal_app, key=key, redact=(), assertion=holder)
+
+    def _msal_app(self, identity: AzureIdentity, key: _AppKey, client_credential: Any) -> Any:
         host = urllib.parse.urlsplit(key.authority).hostname or ""
         microsoft = host.casefold() in MICROSOFT_AUTHORITY_HOSTS
         self._http.begin(time.monotonic() + self._http_timeout_s)
         try:
-            msal_app = msal.ConfidentialClientApplication(
+            return msal.ConfidentialClientApplication(
                 identity.client_id,
                 client_credential=client_credential,
                 authority=key.authority,
@@ -327,7 +376,6 @@ class MsalTokenSource:
         except Exception as exc:
             self._http.attach(exc)
             raise
-        return _App(msal_app=msal_app, key=key, redact=redact)
 
     # ------------------------------------------------------------- acquiring
 
@@ -406,6 +454,34 @@ class _App:
     key: _AppKey
     redact: tuple[str, ...]
     """Credential strings that must never appear in an error text (belt and braces: Azure AD echoes none)."""
+    assertion: _FederatedAssertion | None = None
+
+
+class _FederatedAssertion:
+    """MSAL's client assertion for a federated client: the service-account token the fetch put here.
+
+    Concurrent fetches of one client and service account may each put one in; any of them is valid
+    for that service account, so whichever MSAL reads is right.
+    """
+
+    def __init__(self) -> None:
+        self.current = ""
+
+    def __call__(self, context: dict[str, str]) -> str:
+        return self.current
+
+
+@dataclass(frozen=True, slots=True)
+class FederationSettings:
+    """Where federated clients get their tokens: ``<authority_host><tenant>`` (mirrors the webhook's
+    ``AZURE_AUTHORITY_HOST`` and ``AZURE_TENANT_ID``)."""
+
+    authority_host: str = "https://login.microsoftonline.com/"
+    tenant_id: str = ""
+
+
+AssertionProvider = Callable[[TokenRequest, float], Awaitable[str]]
+"""The service-account token for a federated request (its pod), by the deadline (loop time)."""
 
 
 class _Assertion:

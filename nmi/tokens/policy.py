@@ -67,6 +67,9 @@ class CacheKey:
     ``https://vault.azure.net/`` as different audiences, so they are not merged."""
     tenant: str = ""
     """An auxiliary tenant's tokens are other tokens."""
+    subject: str = ""
+    """A federated identity's tokens are per service account (``namespace/name``): Azure AD checks
+    the subject against the federated credential, so each service account's exchange is its own."""
 
 
 def cache_key(request: TokenRequest) -> CacheKey:
@@ -75,6 +78,8 @@ def cache_key(request: TokenRequest) -> CacheKey:
         return CacheKey(_node_key(request.client_id, request.resource_id), request.resource)
     if request.tenant_id:
         return CacheKey(_identity_key(identity), request.resource, request.tenant_id.casefold())
+    if request.service_account:
+        return CacheKey(_identity_key(identity), request.resource, subject=request.service_account)
     return CacheKey(_identity_key(identity), request.resource)
 
 

@@ -15,6 +15,8 @@ IMDS_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1
 OP_MSI = "adal_token_msi"
 OP_MSI_USER_ASSIGNED = "adal_token_msi_userassignedid"
 OP_AAD = "adal_token"
+OP_FEDERATED = "adal_token_federated"
+"""Ours: a service-account token exchanged for an Azure AD token (workload identity)."""
 
 
 class UpstreamMetrics:

@@ -58,6 +58,9 @@ class StateSink:
         self._state.remove(self._kind.name, key)
         self._changed()
 
+    def count(self) -> int:
+        return self._state.count(self._kind.cls)
+
     def synced(self) -> None:
         self._state.mark_synced(self._source)
         self._changed()

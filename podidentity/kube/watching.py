@@ -12,6 +12,10 @@
    so an outage costs a watch reconnect rather than a full list, unless the outage outlived the
    server's event window.
 
+An empty list for a kind whose cache holds objects is not trusted at once (a server or proxy that
+answers nothing for a moment must not make every pod lose its identities): the list is repeated
+after ``EMPTY_LIST_RECHECK_S``, and only if it is empty again is the cache emptied (and logged).
+
 A malformed object is logged, counted and dropped from the cache (the last good copy could be
 stale in a way that matters, e.g. an AAI's state); it never stops the watch.
 """
@@ -42,6 +46,8 @@ log = logging.getLogger("podidentity.kube")
 
 RETRY_AFTER_CAP_S = 120.0
 """A server's Retry-After is honoured even past our own backoff ceiling, up to this."""
+EMPTY_LIST_RECHECK_S = 1.0
+"""How long to wait before listing again when a list suddenly returns nothing for a non-empty cache."""
 QUICK_END_S = 1.0
 """A stream the server ends this fast without any event counts as a failure, so a proxy that closes
 every watch at once cannot make us spin."""
@@ -96,6 +102,10 @@ class Sink(Protocol):
     def remove(self, key: ObjectKey) -> None: ...
 
     def synced(self) -> None: ...
+
+    def count(self) -> int:
+        """How many objects the cache holds now."""
+        ...
 
 
 class Backoff:
@@ -214,6 +224,33 @@ class Watcher:
 
     async def _list(self) -> None:
         resource = self._resource
+        objects, rv = await self._list_once()
+        held = self._sink.count()
+        if not objects and held:
+            log.warning(
+                "watch %s: the list returned no objects while the cache holds %d; listing again in %.1fs",
+                resource.name,
+                held,
+                EMPTY_LIST_RECHECK_S,
+            )
+            await self._sleep(EMPTY_LIST_RECHECK_S)
+            objects, rv = await self._list_once()
+            if not objects:
+                log.warning(
+                    "watch %s: listed no objects twice; the %d cached ones are really gone",
+                    resource.name,
+                    self._sink.count(),
+                )
+        self._sink.replace(objects)
+        self._sink.synced()
+        self._rv = rv
+        self._health.listed()
+        self._stalled = False
+        self._backoff.reset()
+        log.info("watch %s: listed %d objects at resourceVersion %s", resource.name, len(objects), rv)
+
+    async def _list_once(self) -> tuple[list[KubeObject], str]:
+        resource = self._resource
         params = {"limit": str(self._settings.list_page_size), **resource.selectors()}
         objects: list[KubeObject] = []
         while True:
@@ -233,13 +270,7 @@ class Watcher:
         rv = _resource_version(body)
         if rv is None:
             raise KubeUnavailable(f"list {resource.path}: no resourceVersion in the answer")
-        self._sink.replace(objects)
-        self._sink.synced()
-        self._rv = rv
-        self._health.listed()
-        self._stalled = False
-        self._backoff.reset()
-        log.info("watch %s: listed %d objects at resourceVersion %s", resource.name, len(objects), rv)
+        return objects, rv
 
     async def _watch(self) -> None:
         assert self._rv is not None

@@ -56,7 +56,7 @@ items:
         ("kind: Gadget\nmetadata: {name: x}\n", "unsupported kind"),
         (
             "kind: AzureIdentity\nmetadata: {name: x}\nspec: {type: 7, clientID: a}\n",
-            "spec.type must be 0, 1 or 2",
+            "spec.type must be 0, 1, 2 or 3",
         ),
         ("kind: AzureIdentity\nmetadata: {name: x}\nspec: {type: 0}\n", "spec.clientID is required"),
         ("a: [\n", "not valid YAML"),

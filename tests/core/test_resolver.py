@@ -286,3 +286,59 @@ def test_reject_ambiguous_identity_only_when_several_and_none_named() -> None:
     # Two bindings of one identity are not an ambiguity.
     decision = decide(state, settings=managed)
     assert isinstance(decision, Grant) and decision.identity.name == "id-b"
+
+
+# --- federated identities (workload identity) ------------------------------------------------------
+
+WI_CLIENT = "0f0f0f0f-0000-4000-8000-00000000000f"
+
+
+def service_account(name: str, client_id: str = "", *, ns: str = "default") -> dict:
+    annotations = {"azure.workload.identity/client-id": client_id} if client_id else {}
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": {"name": name, "namespace": ns, "annotations": annotations},
+    }
+
+
+def wi_pod(name: str, ip: str, sa: str, *, use: str = "true", labels: dict | None = None) -> dict:
+    obj = pod(name, ip, labels={"azure.workload.identity/use": use, **(labels or {})})
+    obj["spec"]["serviceAccountName"] = sa
+    return obj
+
+
+@pytest.mark.parametrize("settings", [STANDARD, MANAGED], ids=["standard", "managed"])
+def test_workload_identity_pod_gets_its_own_service_accounts_client_only(settings: IdentitySettings) -> None:
+    state = make_state(
+        wi_pod("web", "10.0.0.5", "app-sa"),
+        service_account("app-sa", WI_CLIENT),
+        service_account("other-sa", "11111111-0000-4000-8000-000000000001"),
+    )
+    decision = decide(state, settings=settings)
+    assert isinstance(decision, Grant) and decision.identity.type.name == "FEDERATED"
+    assert decision.identity.client_id == WI_CLIENT
+    named = decide(state, IdentityQuery(client_id=WI_CLIENT), settings=settings)
+    assert isinstance(named, Grant)
+    other = decide(state, IdentityQuery(client_id="11111111-0000-4000-8000-000000000001"), settings=settings)
+    assert isinstance(other, Deny) and other.refusal is Refusal.NOT_FOUND
+
+
+def test_workload_identity_needs_the_label_and_the_annotation() -> None:
+    for objs in (
+        [wi_pod("web", "10.0.0.5", "app-sa", use="false"), service_account("app-sa", WI_CLIENT)],
+        [wi_pod("web", "10.0.0.5", "app-sa"), service_account("app-sa")],
+        [wi_pod("web", "10.0.0.5", "missing-sa"), service_account("app-sa", WI_CLIENT)],
+    ):
+        decision = decide(make_state(*objs))
+        assert isinstance(decision, Deny) and decision.refusal is Refusal.NOT_FOUND
+
+
+def test_type_3_identity_bound_by_a_binding_needs_no_assignment() -> None:
+    federated = identity("fed", WI_CLIENT, type_=3, tenantID="t-1")
+    state = make_state(
+        pod("web", "10.0.0.5", labels={"aadpodidbinding": "web"}), federated, binding("b", "fed", "web")
+    )
+    for settings in (STANDARD, MANAGED):
+        decision = decide(state, settings=settings)
+        assert isinstance(decision, Grant) and decision.identity.name == "fed", settings

@@ -68,6 +68,19 @@ COMMIT
 """
 
 
+def split_restore(payload: str) -> list[str]:
+    """The ``*table ... COMMIT`` sections of a restore input, in order."""
+    sections: list[str] = []
+    current: list[str] = []
+    for line in payload.splitlines():
+        current.append(line)
+        if line == "COMMIT":
+            sections.append("\n".join(current) + "\n")
+            current = []
+    assert not current, f"unterminated section in {payload!r}"
+    return sections
+
+
 def apply_restore(table: Table, payload: str) -> Table:
     """What ``iptables-restore --noflush`` does to ``table`` with ``payload`` (the subset we emit).
 

@@ -181,3 +181,50 @@ def test_removal_deletes_exactly_our_jumps_and_chains() -> None:
 @pytest.mark.parametrize("spec", [SPEC, HOST_SPEC])
 def test_removal_from_an_empty_table_is_nothing(spec: RuleSpec) -> None:
     assert removal(Table("nat"), spec) is None
+
+
+ANTI = RuleSpec(anti_spoofing=True)
+RAW_SAVE = """\
+*raw
+:PREROUTING ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:aad-metadata-spoof - [0:0]
+-A PREROUTING -j aad-metadata-spoof
+-A PREROUTING -j CT --notrack
+-A aad-metadata-spoof -d 169.254.169.254/32 -p tcp -m tcp --dport 80 -m rpfilter --invert -j DROP
+COMMIT
+"""
+
+
+def test_anti_spoofing_installs_nat_and_raw_sections_in_one_restore() -> None:
+    payload = render_install(ANTI)
+    assert payload.count("COMMIT") == 2 and payload.index("*nat") < payload.index("*raw")
+    assert "-I PREROUTING 1 -j aad-metadata-spoof" in payload
+    assert render_install(SPEC).count("COMMIT") == 1, "without anti-spoofing the raw table is untouched"
+
+
+def test_raw_table_in_sync_and_each_drift_is_found_and_fixed() -> None:
+    tables = {"nat": installed(), "raw": parse_table(RAW_SAVE, "raw")}
+    assert detect(tables, ANTI).ok
+    flushed = parse_table(RAW_SAVE.replace("-A aad-metadata-spoof -d", "# gone -d"), "raw")
+    drift = detect({"nat": installed(), "raw": flushed}, ANTI)
+    assert drift.problems == {Problem.CHAIN_CONTENT}
+    assert drift.payload is not None and drift.payload.startswith("*raw\n")
+    fixed = apply_restore(flushed, drift.payload)
+    assert detect({"nat": installed(), "raw": fixed}, ANTI).ok
+    assert "-j CT --notrack" in fixed.rules("PREROUTING"), "foreign raw rules are kept"
+
+
+def test_switching_anti_spoofing_off_removes_the_raw_chain_as_stale() -> None:
+    tables = {"nat": installed(), "raw": parse_table(RAW_SAVE, "raw")}
+    drift = detect(tables, SPEC)
+    assert drift.problems == {Problem.STALE_CHAIN}
+    assert drift.payload is not None
+    fixed = apply_restore(tables["raw"], drift.payload)
+    assert fixed.rules("PREROUTING") == ["-j CT --notrack"] and "aad-metadata-spoof" not in fixed.chains
+    assert detect({"nat": installed()}, SPEC).ok, "an unreadable raw table is nothing to clean"
+
+
+def test_removal_covers_both_tables() -> None:
+    payload = removal({"nat": installed(), "raw": parse_table(RAW_SAVE, "raw")}, ANTI)
+    assert payload is not None and "*nat" in payload and "-X aad-metadata-spoof" in payload

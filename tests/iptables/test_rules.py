@@ -92,3 +92,20 @@ def test_invalid_specs_are_refused(kwargs: dict[str, object]) -> None:
 def test_host_network_interception_requires_a_plain_exemption(kwargs: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         HostNetworkInterception(**kwargs)  # type: ignore[arg-type]
+
+
+def test_anti_spoofing_is_one_strict_rpfilter_rule_in_its_own_raw_chain() -> None:
+    spec = RuleSpec(anti_spoofing=True)
+    hook = spec.antispoof_hook()
+    assert hook is not None
+    assert (hook.table, hook.parent, hook.chain) == ("raw", "PREROUTING", "aad-metadata-spoof")
+    assert hook.rules == ("-d 169.254.169.254/32 -p tcp -m tcp --dport 80 -m rpfilter --invert -j DROP",)
+    assert "--loose" not in hook.rules[0]
+    assert spec.hooks("raw") == (hook,) and hook not in spec.hooks("nat")
+    assert spec.required_tables() == ("nat", "raw")
+    assert RuleSpec().antispoof_hook() is None and RuleSpec().required_tables() == ("nat",)
+    assert RuleSpec().managed_chains("raw") == ("aad-metadata-spoof",)
+
+
+def test_the_longest_chain_name_still_fits_iptables_limit_with_the_spoof_suffix() -> None:
+    assert len(RuleSpec(chain="a" * 21, anti_spoofing=True).spoof_chain) <= 28

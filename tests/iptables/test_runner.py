@@ -145,3 +145,24 @@ def test_binaries_variants() -> None:
         "iptables-legacy", "iptables-legacy-save", "iptables-legacy-restore"
     )
     assert Binaries.variant("") == Binaries()
+
+
+async def test_anti_spoofing_reads_and_writes_the_raw_table(tmp_path: Path) -> None:
+    rules, _ = runner(tmp_path, RuleSpec(anti_spoofing=True))
+    first = await rules.install()
+    assert Problem.CHAIN_MISSING in first.problems
+    assert "aad-metadata-spoof" in (tmp_path / "table-raw").read_text()
+    assert (await rules.check()).ok
+    assert "iptables-save -t raw" in calls(tmp_path, "iptables-save")
+    assert await rules.remove() is True
+    assert "aad-metadata-spoof" not in (tmp_path / "table-raw").read_text()
+
+
+async def test_an_unreadable_raw_table_only_matters_when_anti_spoofing_is_on(tmp_path: Path) -> None:
+    (tmp_path / "no-raw").touch()
+    plain, _ = runner(tmp_path)
+    assert Problem.CHAIN_MISSING in (await plain.install()).problems
+    assert (await plain.check()).ok
+    anti, _ = runner(tmp_path, RuleSpec(anti_spoofing=True))
+    with pytest.raises(IptablesError, match="Table does not exist"):
+        await anti.install()

@@ -38,6 +38,7 @@ async def test_list_populates_state_marks_synced_and_uses_pages(
         "kube/azureidentitybindings": True,
         "kube/azureassignedidentities": True,
         "kube/azurepodidentityexceptions": True,
+        "kube/serviceaccounts": True,
     }
     assert cache.state.count(Pod) == 120
     assert _pod(cache.state, "elsewhere") is None
@@ -152,6 +153,7 @@ async def test_managed_mode_caches_identities_bindings_and_exceptions(
         "kube/azureidentities",
         "kube/azureidentitybindings",
         "kube/azurepodidentityexceptions",
+        "kube/serviceaccounts",
     }
     assert [i.name for i in state.in_namespace(AzureIdentity, "team-a")] == ["id1"]
     assert [b.selector for b in state.in_namespace(AzureIdentityBinding, "team-a")] == ["web"]

@@ -110,8 +110,8 @@ async def test_list_errors_are_retried_with_growing_backoff_and_retry_after(
     assert _names(cache.state) == {"a"}
 
     lists = [r for r in apiserver.requests if r.verb == "list"]
-    # 4 failures spread over 5 resources' first lists, then one success each.
-    assert len(lists) == 4 + 5
+    # 4 failures spread over 6 resources' first lists, then one success each.
+    assert len(lists) == 4 + 6
     by_path: dict[str, list[float]] = {}
     for r in lists:
         by_path.setdefault(r.path, []).append(r.at)
@@ -127,6 +127,7 @@ async def test_list_errors_are_retried_with_growing_backoff_and_retry_after(
                 "azureidentitybindings",
                 "azureassignedidentities",
                 "azurepodidentityexceptions",
+                "serviceaccounts",
             )
         )
         == 4
@@ -168,9 +169,9 @@ async def test_watch_errors_other_than_gone_back_off_and_resume_without_relistin
     await until(lambda: cache.state.get(Pod, ObjectKey("default", "x")) is not None, cache.state)
     health = cache.source.health()
     assert all(h["relists"] == 1 for h in health.values())  # resumed by resourceVersion each time
-    # Five ERROR events (one per stream), then the next two reconnects refused.
-    assert sum(h["restarts"] for h in health.values()) == 7
-    assert sum(cache.errors(f"watch_{name}") for name in health) == 7
+    # Six ERROR events (one per stream), then the next two reconnects refused.
+    assert sum(h["restarts"] for h in health.values()) == 8
+    assert sum(cache.errors(f"watch_{name}") for name in health) == 8
 
 
 def test_backoff_doubles_with_jitter_caps_and_honours_retry_after() -> None:

@@ -154,7 +154,7 @@ async def test_delete_of_a_missing_identity_is_refused(plugin: Plugin) -> None:
         (add_args(NAME, "--binding-selector", "bad selector"), "is not a valid label value"),
         # A valid object name that is not a valid label value: the default selector is the name.
         (add_args("a" * 64), "is not a valid label value"),
-        (add_args(NAME, "--type", "3"), "--type 3 (federated workload identity) is not supported yet"),
+        (add_args(NAME, "--type", "3"), "--type 3 (federated) takes only --client-id"),
         (add_args(NAME, "--type", "7"), "--type 7 is not an identity type"),
         (["add", "-n", NS, "--name", NAME, "--client-id", CLIENT_ID], "--identity-resource-id is required"),
         (add_args(NAME, "--type", "1"), "--identity-resource-id is for user-assigned identities"),
@@ -270,4 +270,15 @@ async def test_malformed_objects_are_skipped_with_a_warning(plugin: Plugin) -> N
     result = await plugin.run("list", "-o", "json")
     assert result.status == 0
     assert [r["name"] for r in json.loads(result.stdout)] == [NAME]
-    assert "warning: skipped: AzureIdentity my-app/broken: spec.type must be 0, 1 or 2" in result.stderr
+    assert "warning: skipped: AzureIdentity my-app/broken: spec.type must be 0, 1, 2 or 3" in result.stderr
+
+
+async def test_add_a_federated_identity(plugin: Plugin) -> None:
+    args = ["add", "-n", NS, "--name", "wi", "--client-id", CLIENT_ID, "--type", "3", "--tenant-id", "t-1"]
+    assert (await plugin.run(*args)).status == 0
+    identity = plugin.api.get("azureidentities", NS, "wi")
+    assert identity is not None
+    assert identity["spec"]["type"] == 3 and identity["spec"]["clientID"] == CLIENT_ID
+    assert identity["spec"].get("tenantID") == "t-1" and "resourceID" not in identity["spec"]
+    binding = plugin.api.get("azureidentitybindings", NS, "wi-binding")
+    assert binding is not None and binding["spec"]["selector"] == "wi"

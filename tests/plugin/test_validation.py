@@ -142,8 +142,7 @@ def test_client_ids() -> None:
 def test_identity_types() -> None:
     assert check_identity_type(0) is IdentityType.USER_ASSIGNED_MSI
     assert check_identity_type(2) is IdentityType.SERVICE_PRINCIPAL_CERTIFICATE
-    with pytest.raises(UsageError, match="federated workload identity"):
-        check_identity_type(3)
+    assert check_identity_type(3) is IdentityType.FEDERATED
     with pytest.raises(UsageError, match="not an identity type"):
         check_identity_type(-1)
 
