@@ -74,6 +74,28 @@ def _int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
+def _read(fields: dict[str, Any], transitions: str) -> LeaderRecord:
+    """client-go's record, as the Lease spec and the annotation both spell it (but for one key)."""
+    holder = fields.get("holderIdentity")
+    return LeaderRecord(
+        holder=holder if isinstance(holder, str) else "",
+        lease_duration_s=_int(fields.get("leaseDurationSeconds")),
+        acquire_time=_parse_time(fields.get("acquireTime")),
+        renew_time=_parse_time(fields.get("renewTime")),
+        transitions=_int(fields.get(transitions)),
+    )
+
+
+def _written(record: LeaderRecord, time_format: Callable[[float], str], transitions: str) -> dict[str, Any]:
+    return {
+        "holderIdentity": record.holder,
+        "leaseDurationSeconds": record.lease_duration_s,
+        "acquireTime": time_format(record.acquire_time),
+        "renewTime": time_format(record.renew_time),
+        transitions: record.transitions,
+    }
+
+
 class Lock(Protocol):
     """One lock object; ``read`` gives its record and the object to update it from."""
 
@@ -130,28 +152,11 @@ class LeaseLock(_ObjectLock):
         spec = obj.get("spec")
         if not isinstance(spec, dict):
             return None
-        holder = spec.get("holderIdentity")
-        return LeaderRecord(
-            holder=holder if isinstance(holder, str) else "",
-            lease_duration_s=_int(spec.get("leaseDurationSeconds")),
-            acquire_time=_parse_time(spec.get("acquireTime")),
-            renew_time=_parse_time(spec.get("renewTime")),
-            transitions=_int(spec.get("leaseTransitions")),
-        )
+        return _read(spec, "leaseTransitions")
 
     def with_record(self, obj: dict[str, Any], record: LeaderRecord) -> dict[str, Any]:
-        return {
-            **obj,
-            "apiVersion": "coordination.k8s.io/v1",
-            "kind": "Lease",
-            "spec": {
-                "holderIdentity": record.holder,
-                "leaseDurationSeconds": record.lease_duration_s,
-                "acquireTime": _micro_time(record.acquire_time),
-                "renewTime": _micro_time(record.renew_time),
-                "leaseTransitions": record.transitions,
-            },
-        }
+        spec = _written(record, _micro_time, "leaseTransitions")
+        return {**obj, "apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "spec": spec}
 
 
 class EndpointsLock(_ObjectLock):
@@ -172,27 +177,13 @@ class EndpointsLock(_ObjectLock):
             return None
         if not isinstance(doc, dict):
             return None
-        holder = doc.get("holderIdentity")
-        return LeaderRecord(
-            holder=holder if isinstance(holder, str) else "",
-            lease_duration_s=_int(doc.get("leaseDurationSeconds")),
-            acquire_time=_parse_time(doc.get("acquireTime")),
-            renew_time=_parse_time(doc.get("renewTime")),
-            transitions=_int(doc.get("leaderTransitions")),
-        )
+        return _read(doc, "leaderTransitions")
 
     def with_record(self, obj: dict[str, Any], record: LeaderRecord) -> dict[str, Any]:
         meta = dict(obj.get("metadata") or {})
         annotations = dict(meta.get("annotations") or {})
         annotations[ENDPOINTS_ANNOTATION] = json.dumps(
-            {
-                "holderIdentity": record.holder,
-                "leaseDurationSeconds": record.lease_duration_s,
-                "acquireTime": _time(record.acquire_time),
-                "renewTime": _time(record.renew_time),
-                "leaderTransitions": record.transitions,
-            },
-            separators=(",", ":"),
+            _written(record, _time, "leaderTransitions"), separators=(",", ":")
         )
         meta["annotations"] = annotations
         return {**obj, "apiVersion": "v1", "kind": "Endpoints", "metadata": meta}
