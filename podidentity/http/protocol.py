@@ -19,11 +19,9 @@ a busy keep-alive connection does not cancel and create a timer per request.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
-import socket
-from collections import deque
+import sys
 from collections.abc import Awaitable, Coroutine
 from typing import Final, cast
 
@@ -38,7 +36,6 @@ from podidentity.http.response import (
     INTERNAL_ERROR,
     REQUEST_TIMEOUT,
     SHUTTING_DOWN,
-    TOO_MANY_CONNECTIONS,
     URI_TOO_LONG,
     Response,
     render,
@@ -87,6 +84,19 @@ _PIPELINE_OVERFLOW: Final = Response(503)
 """Marker refusal: more pipelined requests than allowed arrived in one read."""
 
 
+_NO_HEADERS: Final[dict[str, str]] = {}
+"""Headers of a connection before its first request; never written to (on_message_begin makes a dict)."""
+
+
+def _new_parser(protocol: HttpProtocol) -> httptools.HttpRequestParser:
+    parser = httptools.HttpRequestParser(protocol)
+    if hasattr(parser, "set_dangerous_leniencies"):
+        # Bytes after a "Connection: close" request are parsed (and then dropped) rather than
+        # failing the parser before the first answer is written.
+        parser.set_dangerous_leniencies(lenient_data_after_close=True)
+    return parser
+
+
 async def _await(awaitable: Awaitable[Response]) -> Response:
     return await awaitable
 
@@ -124,7 +134,6 @@ class HttpProtocol(asyncio.Protocol):
         "_state",
         "_stopped",
         "_task",
-        "_task_name",
         "_timer",
         "_timer_when",
         "_transport",
@@ -137,17 +146,14 @@ class HttpProtocol(asyncio.Protocol):
         self._settings = state.settings
         self._loop = loop
         self._transport: asyncio.Transport | None = None
-        # One parser per connection, reused for every request on it.
-        self._parser = httptools.HttpRequestParser(self)
-        if hasattr(self._parser, "set_dangerous_leniencies"):
-            # Bytes after a "Connection: close" request are parsed (and then dropped) rather than
-            # failing the parser before the first answer is written.
-            self._parser.set_dangerous_leniencies(lenient_data_after_close=True)
+        # Memory per open connection is what a flood of idle connections costs (docs/server-
+        # behavior.md, "Memory"): what an idle connection does not need is made when first used.
+        self._parser: httptools.HttpRequestParser | None = None
+        """One per connection, made at its first byte and reused for every request on it."""
         self._peer_ip = ""
         self._peer_port = 0
         self._local_ip = ""
         self._local_port = 0
-        self._task_name = state.name
 
         # Request being received.
         self._in_message = False
@@ -157,17 +163,18 @@ class HttpProtocol(asyncio.Protocol):
         """Loop time at the start of the current ``data_received``, for the parser callbacks."""
         self._head_raw = 0
         self._url = b""
-        self._headers: dict[str, str] = {}
+        self._headers: dict[str, str] = _NO_HEADERS
         # Counted down from the limits, so each header is checked without reading the settings.
         self._header_bytes_left = 0
         self._headers_left = 0
-        self._body: list[bytes] = []
+        self._body: list[bytes] | None = None
         self._body_len = 0
         self._request: Request | None = None
         self._refusal: Response | None = None
 
-        # Requests received, in answer order.
-        self._pending: deque[Request] = deque()
+        # Requests received, in answer order. A list, not a deque: it holds at most max_pipelined
+        # requests, and an empty deque allocates a 64-slot block (~600 bytes) per connection.
+        self._pending: list[Request] = []
         self._active: Request | None = None
         self._task: asyncio.Future[Response] | None = None
         """The running handler: a named task, or the future the handler returned."""
@@ -194,30 +201,17 @@ class HttpProtocol(asyncio.Protocol):
         # uvloop's transports implement asyncio.Transport without subclassing it.
         transport = cast(asyncio.Transport, transport)
         self._transport = transport
-        state = self._state
-        state.connections.add(self)
+        # Addresses are interned: a caller's connections share one string, not one each. TCP_NODELAY
+        # is not set here: uvloop's and asyncio's TCP transports both set it themselves.
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
-            self._peer_ip, self._peer_port = peer[0], peer[1]
+            self._peer_ip, self._peer_port = sys.intern(peer[0]), peer[1]
         local = transport.get_extra_info("sockname")
         if isinstance(local, tuple):
-            self._local_ip, self._local_port = local[0], local[1]
-        self._task_name = f"{state.name}-request-{self._peer_ip}:{self._peer_port}"
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            # The peer may already be gone; connection_lost follows.
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        per_peer = state.peer_opened(self._peer_ip)
-        if (
-            len(state.connections) > self._settings.max_connections
-            or per_peer > self._settings.max_connections_per_peer
-        ):
-            self._send_error(TOO_MANY_CONNECTIONS, None)
-            return
-        if state.shutting_down:
-            # Accepted just before the listener closed; shutdown has already passed over it.
-            self._send_error(SHUTTING_DOWN, None)
+            self._local_ip, self._local_port = sys.intern(local[0]), local[1]
+        refusal = self._state.admit(self, self._peer_ip)
+        if refusal is not None:
+            self._send_error(refusal, None)
             return
         # Armed before the first byte, so a client that connects and stays silent is dropped too.
         self._idle_deadline = self._loop.time() + self._settings.idle_timeout_s
@@ -226,8 +220,10 @@ class HttpProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._gone = True
         self._closing = True
-        self._state.connection_lost(self)
-        self._state.peer_closed(self._peer_ip)
+        self._state.release(self, self._peer_ip)
+        # The parser holds this protocol's bound callbacks: dropping it breaks the cycle, so the
+        # connection is freed by reference counting now rather than by a later cycle collection.
+        self._parser = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -266,8 +262,11 @@ class HttpProtocol(asyncio.Protocol):
         messages_before = self._messages
         was_between_messages = not self._in_message
         pending = self._pending
+        parser = self._parser
+        if parser is None:
+            parser = self._parser = _new_parser(self)
         try:
-            self._parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             # Upgrades (e.g. curl's h2c offer) are declined by answering in HTTP/1.1 and closing:
             # what follows the head is no longer HTTP/1.1.
@@ -314,7 +313,7 @@ class HttpProtocol(asyncio.Protocol):
         self._headers = {}
         self._header_bytes_left = settings.max_header_bytes
         self._headers_left = settings.max_headers
-        # ``_body`` is already empty: on_message_complete takes it, and a message cut short stops
+        # ``_body`` is already None: on_message_complete takes it, and a message cut short stops
         # parsing for good, so no allocation is needed here.
         self._body_len = 0
         self._request = None
@@ -351,6 +350,7 @@ class HttpProtocol(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         parser = self._parser
+        assert parser is not None  # Parser callbacks run only inside feed_data.
         method_bytes = parser.get_method()
         method = _METHODS.get(method_bytes)
         if method is None:
@@ -418,7 +418,10 @@ class HttpProtocol(asyncio.Protocol):
         if self._body_len > self._settings.max_body_bytes:
             self._refusal = BODY_TOO_LARGE
             raise _Refused
-        self._body.append(chunk)
+        if self._body is None:
+            self._body = [chunk]
+        else:
+            self._body.append(chunk)
 
     def on_message_complete(self) -> None:
         self._in_message = False
@@ -426,9 +429,9 @@ class HttpProtocol(asyncio.Protocol):
         request = self._request
         assert request is not None
         self._request = None
-        if self._body:
+        if self._body is not None:
             request.body = b"".join(self._body)
-            self._body = []
+            self._body = None
         self._pending.append(request)
 
     # ── answering ──
@@ -438,7 +441,7 @@ class HttpProtocol(asyncio.Protocol):
         pending = self._pending
         while not self._closing and self._active is None and not self._write_paused:
             if pending:
-                request = pending.popleft()
+                request = pending.pop(0)
                 if self._pipeline_full and len(pending) <= self._settings.max_pipelined // 2:
                     self._pipeline_full = False
                     self._update_reading()
@@ -472,14 +475,18 @@ class HttpProtocol(asyncio.Protocol):
             return
         task: asyncio.Future[Response]
         if isinstance(result, Coroutine):
-            task = self._loop.create_task(result, name=self._task_name)
+            task = self._loop.create_task(result, name=self._task_name())
         elif isinstance(result, asyncio.Future):
             task = result  # Tracked as is, so cancelling it reaches whoever will resolve it.
         else:
-            task = self._loop.create_task(_await(result), name=self._task_name)
+            task = self._loop.create_task(_await(result), name=self._task_name())
         self._task = task
         self._state.tasks.add(task)
         task.add_done_callback(self._on_task_done)
+
+    def _task_name(self) -> str:
+        # Built per task rather than per connection: only requests that need I/O run as tasks.
+        return f"{self._state.name}-request-{self._peer_ip}:{self._peer_port}"
 
     def _on_task_done(self, task: asyncio.Future[Response]) -> None:
         self._state.tasks.discard(task)
@@ -612,6 +619,34 @@ class HttpProtocol(asyncio.Protocol):
         if self._active is None and not self._pending and not self._in_message and self._error_tail is None:
             self._close_now()
         # Busy connections see ``state.shutting_down`` and close after their current answer.
+
+    def idle_since(self) -> float:
+        """When this connection became idle (loop time), or infinity if it is not idle.
+
+        Idle: no request being received, running, queued or refused, nothing left to write, not
+        closing. Only such a connection may be shed; its client can retry on another connection
+        as it would after an idle timeout.
+        """
+        if (
+            self._closing
+            or self._active is not None
+            or self._pending
+            or self._in_message
+            or self._error_tail is not None
+            or self._write_paused
+            or self._transport is None
+            or self._transport.get_write_buffer_size()
+        ):
+            return _INF
+        # The idle deadline is armed when the connection becomes idle, always idle_timeout_s ahead.
+        return self._idle_deadline - self._settings.idle_timeout_s
+
+    def shed(self) -> None:
+        """Close an idle connection at once to make room at the global cap (``ServerState.admit``)."""
+        # Forgotten now, not at connection_lost: a newcomer in the same loop iteration counts the
+        # room as made and the caller's count as lowered.
+        self._state.release(self, self._peer_ip)
+        self._close_now()
 
     def abort(self) -> None:
         """Server shutdown, grace period over."""

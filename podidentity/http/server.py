@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import functools
 import logging
 import socket
 import time
-from typing import Final
+from collections.abc import Callable
+from typing import Final, cast
 
 from podidentity.http._state import ServerState
 from podidentity.http.handler import Handler, RejectHook, ResponseHook
@@ -20,6 +23,34 @@ logger = logging.getLogger(__name__)
 _CANCEL_WAIT_S: Final = 1.0
 """How long cancelled handlers get to unwind before their connections are closed anyway."""
 _CLOSE_WAIT_S: Final = 1.0
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None where the C library has none (musl, macOS)."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return cast(Callable[[int], int], trim)
+
+
+def release_memory(state: ServerState) -> float:
+    """Shrink the connection tables and return freed heap pages to the OS; the seconds it took.
+
+    After a flood, closed connections' memory is free but still resident: the connection sets keep
+    their peak size, and glibc keeps freed chunks below the top of its heaps. ``malloc_trim(0)``
+    (a documented, thread-safe glibc call) releases whole free pages anywhere in the heaps.
+    CPython's own arenas need no help: an arena is unmapped once every object in it is freed.
+    """
+    started = time.perf_counter()
+    state.compact()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+    return time.perf_counter() - started
 
 
 class HttpServer:
@@ -58,6 +89,11 @@ class HttpServer:
     @property
     def connections(self) -> int:
         return 0 if self._state is None else len(self._state.connections)
+
+    @property
+    def connections_shed(self) -> int:
+        """Idle connections closed at the connection cap to admit a caller holding fewer."""
+        return 0 if self._state is None else self._state.connections_shed
 
     @property
     def serving(self) -> bool:
@@ -99,7 +135,18 @@ class HttpServer:
     def _tick(self) -> None:
         assert self._loop is not None and self._state is not None
         now = time.time()
-        self._state.default_headers = default_headers(self._server_header, now)
+        state = self._state
+        state.default_headers = default_headers(self._server_header, now)
+        trim_peak = self._settings.memory_trim_peak
+        peak = state.peak_connections
+        if trim_peak and peak >= trim_peak and len(state.connections) * 4 <= peak:
+            took = release_memory(state)
+            logger.info(
+                "connections down from %d to %d: returned freed memory in %.1f ms",
+                peak,
+                len(state.connections),
+                took * 1000,
+            )
         # Aligned to the wall-clock second so the Date header is never more than a tick stale.
         self._tick_handle = self._loop.call_later(1.0 - now % 1.0, self._tick)
 

@@ -31,3 +31,6 @@ class ServerSettings:
     max_pipelined: int = 16
     """Queued pipelined requests per connection before reading pauses."""
     backlog: int = 2048
+    memory_trim_peak: int = 1024
+    """After this many connections were open at once, the server gives freed memory back to the
+    operating system once they drop to a quarter (glibc ``malloc_trim``); 0 never does."""
