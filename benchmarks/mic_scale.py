@@ -221,6 +221,20 @@ class Mic:
         except (aiohttp.ClientError, OSError, TimeoutError):
             return 0
 
+    async def verbose_health(self) -> Any:
+        """``/healthz?verbose`` as JSON (the reconciler's cycle count...), or None."""
+        try:
+            async with (
+                aiohttp.ClientSession() as http,
+                http.get(
+                    f"http://127.0.0.1:{self.probe_port}/healthz?verbose",
+                    timeout=aiohttp.ClientTimeout(total=5),
+                ) as resp,
+            ):
+                return await resp.json(content_type=None)
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError):
+            return None
+
     async def stop(self) -> None:
         if self.proc.returncode is not None:
             return
@@ -287,6 +301,11 @@ async def _wait_leading(mic: Mic, api: FakeApiServer, timeout: float = 60.0) -> 
     raise RuntimeError("MIC did not lead and report healthy within 60 s")
 
 
+def _keep_log(log: Path, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(log, dest)
+
+
 def _log_summary(log: Path) -> dict[str, Any]:
     text = log.read_text(errors="replace").splitlines()
     levels: collections.Counter[str] = collections.Counter()
@@ -315,7 +334,8 @@ def _log_summary(log: Path) -> dict[str, Any]:
 
 def _arm_summary(arm: ArmStandIn, since: float, until: float, scale_sets: list[str]) -> dict[str, Any]:
     per: dict[str, dict[str, Any]] = {
-        s: {"GET": 0, "PATCH": 0, "polls": 0, "patch_entries": [], "patch_at_s": []} for s in scale_sets
+        s: {"GET": 0, "PATCH": 0, "polls": 0, "patch_entries": [], "patch_at_s": [], "get_at_s": []}
+        for s in scale_sets
     }
     other = 0
     for call in arm.calls:
@@ -329,6 +349,8 @@ def _arm_summary(arm: ArmStandIn, since: float, until: float, scale_sets: list[s
                 continue
         elif name in per and call.method in ("GET", "PATCH"):
             per[name][call.method] += 1
+            if call.method == "GET":
+                per[name]["get_at_s"].append(round(call.at - since, 1))
             if call.method == "PATCH":
                 body = call.body if isinstance(call.body, dict) else {}
                 entries = (body.get("identity") or {}).get("userAssignedIdentities") or {}
@@ -366,7 +388,7 @@ def _kube_summary(api: FakeApiServer, since: float, until: float, pods: int) -> 
         "aai_writes_total": total_aai,
         "aai_writes_per_pod": round(total_aai / pods, 3) if pods else 0.0,
         "aai_writes_after_done": dict(after),
-        "requests_logged_dropped": api.requests.maxlen is not None and len(api.requests) >= api.requests.maxlen,
+        "requests_logged_dropped": len(api.requests) == api.requests.maxlen,
     }
 
 
@@ -395,7 +417,9 @@ async def run_one(args: argparse.Namespace, qps: float, workdir: Path) -> dict[s
             api.create(k8s.node(topo.node_name(n), provider_id=topo.provider_id(n)))
         for k in range(topo.namespaces):
             api.create(
-                k8s.azure_identity(f"id-{k}", namespace=f"ns-{k}", client_id=client_id(k), resource_id=uami(k))
+                k8s.azure_identity(
+                    f"id-{k}", namespace=f"ns-{k}", client_id=client_id(k), resource_id=uami(k)
+                )
             )
             api.create(k8s.binding(f"bind-{k}", f"id-{k}", f"sel-{k}", namespace=f"ns-{k}"))
         kubeconfig = api.write_kubeconfig(tmp / "kubeconfig")
@@ -412,7 +436,9 @@ async def run_one(args: argparse.Namespace, qps: float, workdir: Path) -> dict[s
         for doc in docs:  # one loop iteration: the watch delivers them as one burst
             api.create(doc)
         result["burst_create_s"] = round(time.monotonic() - burst, 3)
-        print(f"  qps {qps:g}: {topo.pods} pods created; waiting for {len(expected)} AAIs Assigned", flush=True)
+        print(
+            f"  qps {qps:g}: {topo.pods} pods created; waiting for {len(expected)} AAIs Assigned", flush=True
+        )
 
         deadline = burst + args.timeout
         peak_sampled = 0.0
@@ -440,8 +466,8 @@ async def run_one(args: argparse.Namespace, qps: float, workdir: Path) -> dict[s
             if now - last_report >= 30:
                 last_report = now
                 print(
-                    f"  qps {qps:g}: {now - burst:5.0f} s: {len(api.aai_status)} AAIs written, {assigned} Assigned,"
-                    f" RSS {_proc_status(mic.proc.pid).get('VmRSS', 0):.0f} MB",
+                    f"  qps {qps:g}: {now - burst:5.0f} s: {len(api.aai_status)} AAIs written,"
+                    f" {assigned} Assigned, RSS {_proc_status(mic.proc.pid).get('VmRSS', 0):.0f} MB",
                     flush=True,
                 )
             await asyncio.sleep(0.5)
@@ -451,6 +477,7 @@ async def run_one(args: argparse.Namespace, qps: float, workdir: Path) -> dict[s
             await asyncio.sleep(SETTLE_S)  # does MIC keep writing once everything is Assigned?
         after = _proc_status(mic.proc.pid)
         cpu_after = _cpu_s(mic.proc.pid)
+        result["mic_health_after"] = await mic.verbose_health()
 
         firsts = sorted(api.first_seen[n] - burst for n in expected if n in api.first_seen)
         assigned_times = sorted(api.assigned_at[n] - burst for n in expected if n in api.assigned_at)
@@ -489,9 +516,7 @@ async def run_one(args: argparse.Namespace, qps: float, workdir: Path) -> dict[s
             result["mic_exit"] = mic.proc.returncode
             result["log"] = _log_summary(mic.log)
             if args.keep_logs:
-                dest = Path(args.keep_logs)
-                dest.mkdir(parents=True, exist_ok=True)
-                shutil.copy(mic.log, dest / f"mic-qps-{qps:g}.log")
+                await asyncio.to_thread(_keep_log, mic.log, Path(args.keep_logs) / f"mic-qps-{qps:g}.log")
         await api.stop()
         await arm.stop()
     return result
@@ -510,7 +535,11 @@ def _mic_source() -> dict[str, Any]:
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "mic"], cwd=ROOT, capture_output=True, text=True, check=False
+            ["git", "status", "--porcelain", "--", "mic"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=False,
         ).stdout.strip()
     except OSError:
         head, dirty = "", ""
@@ -530,39 +559,60 @@ def table(results: dict[str, Any]) -> str:
         rows.append([label, *values])
 
     row("burst → every AAI `Assigned`", [_fmt(r.get("all_assigned_s"), " s") for r in runs])
-    row("burst → first AAI written / all written", [
-        f"{_fmt(r.get('first_aai_written_s'), ' s')} / {_fmt(r.get('all_aais_written_s'), ' s')}" for r in runs
-    ])
-    row("burst → first / half `Assigned`", [
-        f"{_fmt(r.get('first_assigned_s'), ' s')} / {_fmt(r.get('half_assigned_s'), ' s')}" for r in runs
-    ])
-    row("AAI writes per pod", [str(r.get("kube", {}).get("aai_writes_per_pod", "—")) for r in runs])
-    row("AAI writes (create/update/patch/delete)", [
-        "/".join(str(r.get("kube", {}).get("aai_writes", {}).get(a, 0)) for a in WRITE_ACTIONS) for r in runs
-    ])
-    row("API requests by verb", [
-        ", ".join(f"{k} {v}" for k, v in r.get("kube", {}).get("requests_by_verb", {}).items()) for r in runs
-    ])
-    for s in sorted({s for r in runs for s in r.get("arm", {}).get("per_scale_set", {})}):
-        row(f"ARM `{s}`: GET / PATCH / polls", [
-            (lambda p: f"{p['GET']} / {p['PATCH']} / {p['polls']}" if p else "—")(
-                r.get("arm", {}).get("per_scale_set", {}).get(s)
-            )
+    row(
+        "burst → first AAI written / all written",
+        [
+            f"{_fmt(r.get('first_aai_written_s'), ' s')} / {_fmt(r.get('all_aais_written_s'), ' s')}"
             for r in runs
-        ])
-    row("identities in effect per scale set", [
-        ", ".join(str(v) for v in r.get("in_effect_per_scale_set", {}).values()) or "—" for r in runs
-    ])
+        ],
+    )
+    row(
+        "burst → first / half `Assigned`",
+        [f"{_fmt(r.get('first_assigned_s'), ' s')} / {_fmt(r.get('half_assigned_s'), ' s')}" for r in runs],
+    )
+    row("AAI writes per pod", [str(r.get("kube", {}).get("aai_writes_per_pod", "—")) for r in runs])
+    row(
+        "AAI writes (create/update/patch/delete)",
+        [
+            "/".join(str(r.get("kube", {}).get("aai_writes", {}).get(a, 0)) for a in WRITE_ACTIONS)
+            for r in runs
+        ],
+    )
+    row(
+        "API requests by verb",
+        [
+            ", ".join(f"{k} {v}" for k, v in r.get("kube", {}).get("requests_by_verb", {}).items())
+            for r in runs
+        ],
+    )
+    for s in sorted({s for r in runs for s in r.get("arm", {}).get("per_scale_set", {})}):
+        row(
+            f"ARM `{s}`: GET / PATCH / polls",
+            [
+                (lambda p: f"{p['GET']} / {p['PATCH']} / {p['polls']}" if p else "—")(
+                    r.get("arm", {}).get("per_scale_set", {}).get(s)
+                )
+                for r in runs
+            ],
+        )
+    row(
+        "identities in effect per scale set",
+        [", ".join(str(v) for v in r.get("in_effect_per_scale_set", {}).values()) or "—" for r in runs],
+    )
     row("`Assigned` before in effect", [str(r.get("assigned_before_in_effect", "—")) for r in runs])
-    row("MIC RSS before → after (VmHWM)", [
-        f"{_fmt(r.get('rss_before_mb'))} → {_fmt(r.get('rss_after_mb'))} MB ({_fmt(r.get('hwm_mb'))} MB)"
-        for r in runs
-    ])
+    row(
+        "MIC RSS before → after (VmHWM)",
+        [
+            f"{_fmt(r.get('rss_before_mb'))} → {_fmt(r.get('rss_after_mb'))} MB ({_fmt(r.get('hwm_mb'))} MB)"
+            for r in runs
+        ],
+    )
     row("MIC CPU during the burst", [_fmt(r.get("mic_cpu_s"), " s") for r in runs])
-    row("MIC log: warnings / worker retries", [
-        f"{r.get('log', {}).get('levels', {}).get('WARNING', 0)} / {r.get('log', {}).get('worker_retries', 0)}"
-        for r in runs
-    ])
+    logs = [r.get("log", {}) for r in runs]
+    row(
+        "MIC log: warnings / worker retries",
+        [f"{g.get('levels', {}).get('WARNING', 0)} / {g.get('worker_retries', 0)}" for g in logs],
+    )
     lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * len(runs) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     first = runs[0] if runs else {}
