@@ -97,7 +97,7 @@ class App:
         self._writer = AaiWriter(self._client, self.state, self.metrics, may_write=lambda: elector.leading)
         log.info("MIC starting: kubernetes %s (%s); %s", connection.server, connection.source, dumps(s))
         # Events have a budget of their own too: best effort, never in the way of writes or the lock.
-        self._events_client = KubeClient(connection, dataclasses.replace(self._kube, qps=5.0, burst=10))
+        self._events_client = KubeClient(connection, dataclasses.replace(self._kube, qps=10.0, burst=25))
         self.events = EventRecorder(self._events_client, instance=s.leader.instance)
         self.events.start()
         recorder = self.events

@@ -39,7 +39,10 @@ BINDING_REMOVE_ERROR = "binding remove error"
 STATUS_UPDATE_ERROR = "status update error"
 INVALID_IDENTITY = "invalid identity"
 AGGREGATE_S = 600.0
-QUEUE_SIZE = 1024
+QUEUE_SIZE = 4096
+SPAM_BURST = 25
+SPAM_REFILL_S = 300.0
+"""client-go's spam filter: per object, 25 events at once, then one every 5 minutes."""
 REMEMBERED = 4096
 
 
@@ -99,18 +102,36 @@ class EventRecorder:
         self._clock = clock
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue(QUEUE_SIZE)
         self._sent: OrderedDict[tuple[str, ...], _Sent] = OrderedDict()
+        self._budgets: dict[tuple[str, str, str], tuple[float, float]] = {}
         self._task: asyncio.Task[None] | None = None
         self.dropped = 0
         self.failed = 0
 
     def record(self, subject: Subject, type_: str, reason: str, message: str) -> None:
-        """Queue an event; never blocks. A full queue drops it (counted and logged once in a while)."""
+        """Queue an event; never blocks. A full queue drops it (counted and logged once in a while),
+        and so does an object over its budget (client-go's spam filter)."""
+        if not self._admit(subject):
+            self.dropped += 1
+            return
         try:
             self._queue.put_nowait(_Pending(subject, type_, reason, message[:1024], self._clock()))
         except asyncio.QueueFull:
             self.dropped += 1
             if self.dropped % 100 == 1:
                 log.warning("event queue full: %d events dropped so far", self.dropped)
+
+    def _admit(self, subject: Subject) -> bool:
+        now = self._clock()
+        key = (subject.kind, subject.namespace, subject.name)
+        tokens, at = self._budgets.get(key, (float(SPAM_BURST), now))
+        tokens = min(float(SPAM_BURST), tokens + (now - at) / SPAM_REFILL_S)
+        if tokens < 1.0:
+            self._budgets[key] = (tokens, now)
+            return False
+        self._budgets[key] = (tokens - 1.0, now)
+        if len(self._budgets) > REMEMBERED:
+            self._budgets.pop(next(iter(self._budgets)))
+        return True
 
     def start(self) -> None:
         if self._task is None:

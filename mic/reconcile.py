@@ -393,61 +393,81 @@ class Reconciler:
         return await asyncio.gather(*(one(j) for j in jobs), return_exceptions=True)
 
     async def _apply(self, tw: TargetWork, *, verify: bool) -> bool:
+        """One VM/VMSS. What ARM must hold is known before any AAI is written, so the ARM update
+        starts at once, beside the AAI writes; an AAI written after it succeeded is written
+        ``Assigned`` directly (one write), one written before is ``Created`` and then marked."""
         target = tw.target
-        ok = True
-        pending: list[tuple[AzureAssignedIdentity, Assignment]] = []
-        created = await self._bounded([self._writer.create(render(a, status=CREATED)) for a in tw.create])
-        replaced = await self._bounded(
-            [
-                self._writer.replace(render(a, status=CREATED, resource_version=old.resource_version))
-                for old, a in tw.update
-            ]
-        )
-        for a, result in [
-            *zip(tw.create, created, strict=True),
-            *zip((a for _, a in tw.update), replaced, strict=True),
-        ]:
-            if isinstance(result, BaseException):
-                log.warning("%s: cannot write AAI %s/%s: %s", target, a.namespace, a.name, result)
-                ok = False
-            elif result is None:
-                ok = False  # a conflict: the server's copy is cached, the next round plans from it
-            else:
-                pending.append((result, a))
-        pending += tw.confirm
-
-        want = {a.identity.resource_id_folded: a.identity.resource_id for _, a in pending if a.needs_arm}
+        wanted = [*tw.create, *(a for _, a in tw.update), *(a for _, a in tw.confirm)]
+        want = {a.identity.resource_id_folded: a.identity.resource_id for a in wanted if a.needs_arm}
         if verify:
             want.update(tw.expected_ids)
         remove = dict(tw.remove_ids)
-        present: set[str] | None = set()
         errors: dict[str, ArmError] = {}
+        arm: asyncio.Task[set[str] | None] | None = None
         if want or remove:
-            try:
-                present = await self._sync_arm(target, want, remove, errors)
-            except ArmError as exc:
-                log.warning("%s: %s", target, exc)
-                present = None  # Azure's state is unknown: change no AAI that depends on it
-                errors = dict.fromkeys([*want, *remove], exc)
+            arm = asyncio.create_task(self._arm_outcome(target, want, remove, errors))
+        gate = asyncio.Semaphore(self._settings.kube_write_concurrency)
 
-        for aai, a in pending:
+        async def outcome() -> set[str] | None:
+            return await asyncio.shield(arm) if arm is not None else set()
+
+        def in_effect(a: Assignment) -> bool:
+            if not a.needs_arm:
+                return True  # a service principal: nothing to put on the VM/VMSS
+            if arm is None or not arm.done() or arm.cancelled():
+                return False
+            present = arm.result()
+            return present is not None and a.identity.resource_id_folded in present
+
+        async def place(a: Assignment, old: AzureAssignedIdentity | None) -> bool:
+            status = ASSIGNED if in_effect(a) else CREATED
+            version = old.resource_version if old is not None else ""
+            body = render(a, status=status, resource_version=version)
+            try:
+                async with gate:
+                    written = await (self._writer.create(body) if old is None else self._writer.replace(body))
+            except Exception as exc:
+                log.warning("%s: cannot write AAI %s/%s: %s", target, a.namespace, a.name, exc)
+                return False
+            if written is None:
+                return False  # a conflict: the server's copy is cached, the next round plans from it
+            if status == ASSIGNED:
+                self._assigned(a, target)
+                return True
+            return await confirm(written, a)
+
+        async def confirm(aai: AzureAssignedIdentity, a: Assignment) -> bool:
+            present = await outcome()
             rid = a.identity.resource_id_folded
             if a.needs_arm and (present is None or rid not in present):
-                ok = False  # stays Created; retried
                 failure = errors.get(rid)
                 if failure is not None:
                     message = f"binding {a.binding.name} on node {a.node_name} failed: {_arm(failure)}"
                     self._tell(aai, _binding_subject(a.binding), WARNING, BINDING_APPLY_ERROR, message)
-                continue
-            if aai.state != ASSIGNED:
-                try:
+                return False  # stays Created; retried
+            if aai.state == ASSIGNED:
+                return True
+            try:
+                async with gate:
                     await self._writer.set_status(aai, ASSIGNED)
-                except Exception as exc:
-                    log.warning("%s: cannot mark %s Assigned: %s", target, aai.key, exc)
-                    self._events.record(_aai_subject(aai), WARNING, STATUS_UPDATE_ERROR, str(exc))
-                    ok = False
-                    continue
-                self._assigned(a, target)
+            except Exception as exc:
+                log.warning("%s: cannot mark %s Assigned: %s", target, aai.key, exc)
+                self._events.record(_aai_subject(aai), WARNING, STATUS_UPDATE_ERROR, str(exc))
+                return False
+            self._assigned(a, target)
+            return True
+
+        try:
+            results = await asyncio.gather(
+                *(place(a, None) for a in tw.create),
+                *(place(a, old) for old, a in tw.update),
+                *(confirm(aai, a) for aai, a in tw.confirm),
+            )
+            present = await outcome()
+        finally:
+            if arm is not None and not arm.done():
+                arm.cancel()  # leadership lost (or shutdown): no ARM call outlives the worker
+        ok = all(results)
         for aai in tw.delete:
             rid = aai.identity.resource_id_folded
             detached = rid in remove
@@ -475,6 +495,19 @@ class Reconciler:
                 self._tell(aai, binding, NORMAL, BINDING_REMOVED, message)
         return ok
 
+    async def _arm_outcome(
+        self, target: ArmTarget, want: dict[str, str], remove: dict[str, str], errors: dict[str, ArmError]
+    ) -> set[str] | None:
+        """The folded IDs on the VM/VMSS once ``want`` and ``remove`` are applied; ``None`` when
+        Azure's state is unknown (then no AAI that depends on it changes)."""
+        try:
+            return await self._sync_arm(target, want, remove, errors)
+        except ArmError as exc:
+            log.warning("%s: %s", target, exc)
+            for rid in [*want, *remove]:
+                errors.setdefault(rid, exc)
+            return None
+
     def _tell(
         self, aai: AzureAssignedIdentity, binding: Subject, type_: str, reason: str, message: str
     ) -> None:
@@ -485,10 +518,11 @@ class Reconciler:
 
     def _assigned(self, a: Assignment, target: ArmTarget) -> None:
         message = f"binding {a.binding.name} applied on node {a.node_name} for pod {a.pod_name}"
+        # On the AAI only: a binding selecting thousands of pods would get thousands of these, where
+        # its failures (on both) are what an operator looks for.
         self._events.record(
             Subject("AzureAssignedIdentity", a.namespace, a.name), NORMAL, BINDING_APPLIED, message
         )
-        self._events.record(_binding_subject(a.binding), NORMAL, BINDING_APPLIED, message)
         pod = self._state.get(Pod, a.pod_key)
         if pod is not None and pod.created_at > 0:
             latency = self._wall_clock() - pod.created_at

@@ -1,9 +1,11 @@
 """The demo (``scripts/demo``): NMI on a sandbox node, pods asking for tokens as an Azure SDK does.
 
-Brings ``nmi-sandbox`` up from ``examples/cluster-state.yaml``, then from inside the pods calls
+Brings ``nmi-sandbox`` up from ``examples/workload-identity.yaml``, then from inside the pods calls
 the metadata address and checks every answer it shows: ``web`` gets a token and then a cached
 one, ``batch`` is denied, ``node-agent`` passes through to the (stand-in) IMDS, a request
-without ``Metadata: true`` is refused; then a few metrics. Everything is torn down at the end,
+without ``Metadata: true`` is refused, ``wi-app`` (workload identity) gets its service account's
+app's token by federation (TokenRequest at the API server stand-in, exchange at the Azure AD
+stand-in) and never another identity's; then a few metrics. Everything is torn down at the end,
 also on Ctrl-C, SIGTERM or failure. Exit status 0 only if every check passed.
 """
 
@@ -29,7 +31,7 @@ from standins.netns import HELPER, HarnessError, cleanup_prefix, require_netns
 from standins.sandbox import METADATA_IP, TOKEN_PATH, Sandbox, SandboxError
 
 PREFIX = "nmi-demo"
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "cluster-state.yaml"
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "workload-identity.yaml"
 RESOURCE = "https://vault.azure.net"
 TOKEN_URL = f"http://{METADATA_IP}{TOKEN_PATH}?" + urlencode(
     {"api-version": "2018-02-01", "resource": RESOURCE}, safe=":/"
@@ -39,6 +41,7 @@ SHOWN_METRICS = (
     "nmi_token_cache_requests_total",
     "nmi_identity_decisions_total",
 )
+WEB_CLIENT_ID = "6f1c3e2a-52b4-4d0e-9a57-2b7c0d1e4f10"
 
 
 @dataclass
@@ -156,6 +159,8 @@ class Demo:
         self.unbound_pod()
         self.excepted_pod()
         self.no_metadata_header()
+        if self.sandbox.kube is not None:
+            self.workload_identity()
         self.metrics()
 
     def bound_pod(self) -> None:
@@ -168,7 +173,7 @@ class Demo:
         claims: dict[str, Any] = {}
         with contextlib.suppress(ValueError, TypeError):
             claims = claims_of(str(token))
-        web_client_id = "6f1c3e2a-52b4-4d0e-9a57-2b7c0d1e4f10"
+        web_client_id = WEB_CLIENT_ID
         self.check(
             first.status == 200 and claims.get("appid") == web_client_id and claims.get("aud") == RESOURCE,
             f"a token of web-identity (appid {web_client_id[:8]}…, aud {RESOURCE}), fetched by NMI from IMDS",
@@ -241,8 +246,93 @@ class Demo:
             f"expected 400 invalid_request, got {answer.status} {answer.text[:200]}",
         )
 
+    def workload_pod(self) -> tuple[str, str, str] | None:
+        """The first pod labelled for workload identity whose service account is federated:
+        (pod, service account, client ID)."""
+        from nmi.cluster_file import load
+        from podidentity.model import WORKLOAD_IDENTITY_LABEL, Pod
+
+        kube = self.sandbox.kube or {}
+        clients = {f["subject"]: f["client_id"] for f in kube.get("federation", [])}
+        for obj in load(self.sandbox.state["cluster_state"]):
+            if isinstance(obj, Pod) and obj.labels.get(WORKLOAD_IDENTITY_LABEL) == "true":
+                client = clients.get(f"system:serviceaccount:{obj.namespace}:{obj.service_account}")
+                if client and any(p.name == obj.name and p.netns for p in self.sandbox.pods()):
+                    return obj.name, obj.service_account, client
+        return None
+
+    def workload_identity(self) -> None:
+        found = self.workload_pod()
+        if found is None:
+            return
+        pod, account, client_id = found
+        tenant = str((self.sandbox.kube or {}).get("tenant"))
+        self.step(
+            f"(e) pod {pod}, workload identity: labelled azure.workload.identity/use, its service account "
+            f"{account} annotated with client {client_id[:8]}…, asks the same"
+        )
+        imds_before = len(self.imds_requests())
+        before = self.sandbox.exchanges()
+        answer = self.fetch(pod, TOKEN_URL)
+        self.show_answer(answer)
+        body = answer.json()
+        claims: dict[str, Any] = {}
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            claims = claims_of(str(body.get("access_token")))
+        after = self.sandbox.exchanges()
+        self.check(
+            answer.status == 200
+            and claims.get("appid") == client_id
+            and claims.get("tid") == tenant
+            and claims.get("aud") == RESOURCE
+            and len(self.imds_requests()) == imds_before,
+            f"a token of the app its service account names (appid {client_id[:8]}…, tenant "
+            f"{tenant[:8]}…), from Azure AD by federation: the IMDS stand-in received nothing",
+            f"expected 200 and a token of {client_id}, got {answer.status} {answer.text[:200]}{answer.error}",
+        )
+        issued = after["token_requests"][len(before["token_requests"]) :]
+        calls = after["aad_calls"][len(before["aad_calls"]) :]
+        subject = f"system:serviceaccount:default:{account}"
+        for token in issued:
+            account_key = f"{token['namespace']}/{token['service_account']}"
+            self.say(f"NMI -> API server: TokenRequest for {account_key}, bound to pod {token['pod']}")
+            self.say(
+                f"   <- a service-account token: iss {token['iss']}, sub {token['sub']}, "
+                f"aud {', '.join(token['aud'])}"
+            )
+        for call in calls:
+            self.say(
+                f"NMI -> Azure AD: that token as client assertion for {call['client_id'][:8]}…; "
+                f"federated credential matched (sub {call['federated_subject']}) -> {call['status']}"
+            )
+        self.check(
+            len(issued) == 1
+            and issued[0]["sub"] == subject
+            and issued[0]["iss"] == after["issuer"]
+            and issued[0]["pod"] == pod
+            and "api://AzureADTokenExchange" in issued[0]["aud"]
+            and len(calls) == 1
+            and calls[0]["federated_subject"] == subject
+            and calls[0]["status"] == 200,
+            f"one service-account token of {account}, bound to the pod, exchanged once at Azure AD",
+            f"expected one TokenRequest for {subject} and one exchange; got {issued} and {calls}",
+        )
+        self.say(f"{pod} names web-identity's client ID instead:")
+        named = TOKEN_URL + f"&client_id={WEB_CLIENT_ID}"
+        other = self.fetch(pod, named)
+        self.show_answer(other)
+        other_body = other.json()
+        self.check(
+            other.status == 400
+            and isinstance(other_body, dict)
+            and str(other_body.get("error_description", "")).startswith("Identity not found"),
+            "refused at once (400 Identity not found): a pod gets its own service account's app and no other",
+            f"expected a 400 'Identity not found', got {other.status} {other.text[:200]}{other.error}",
+        )
+
     def metrics(self) -> None:
-        self.step("(e) NMI's metrics (node netns, http://127.0.0.1:9090/metrics), a few lines")
+        label = "f" if self.sandbox.kube is not None else "e"
+        self.step(f"({label}) NMI's metrics (node netns, http://127.0.0.1:9090/metrics), a few lines")
         text = self.sandbox.metrics()
         lines = [line for line in text.splitlines() if line.startswith(SHOWN_METRICS)]
         for line in lines:
@@ -288,7 +378,7 @@ def _teardown(sandbox: Sandbox | None, prefix: str, state_dir: Path) -> None:
     finally:
         cleanup_prefix(f"{prefix}-")
     print(
-        f"\ntorn down in {time.monotonic() - started:.1f}s: NMI and the stand-in stopped, namespaces deleted"
+        f"\ntorn down in {time.monotonic() - started:.1f}s: NMI and the stand-ins stopped, namespaces deleted"
     )
 
 
@@ -330,7 +420,10 @@ def main(argv: list[str] | None = None) -> int:
                 "NMI demo: a node and its pods in network namespaces on this machine, "
                 f"from {args.cluster_state.name}"
             )
-            print("(no cluster, no Azure: the IMDS stand-in plays 169.254.169.254; NMI is the real daemon)")
+            print(
+                "(no cluster, no Azure: stand-ins play IMDS on 169.254.169.254 and, for workload identity, "
+                "the API server and Azure AD; NMI is the real daemon)"
+            )
             sandbox = Sandbox.up(
                 args.cluster_state, mode=args.mode, prefix=args.prefix, state_dir=args.state_dir
             )
@@ -371,6 +464,13 @@ def describe(sandbox: Sandbox, elapsed: float) -> None:
     for line in sandbox.nat_rules().splitlines():
         if "aad-metadata" in line and not line.startswith(":"):
             print(f"      {line}")
+    kube = sandbox.kube
+    if kube is not None:
+        print(
+            f"    NMI reads the cluster from the API server stand-in {kube['api']} (TLS; issuer "
+            f"{kube['issuer']}) and exchanges tokens at the Azure AD stand-in {kube['authority']} (TLS), "
+            "where " + "; ".join(f"{f['client_id'][:8]}… trusts {f['subject']}" for f in kube["federation"])
+        )
 
 
 if __name__ == "__main__":

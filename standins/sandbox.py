@@ -7,6 +7,17 @@ the real NMI (iptables management on) inside the node, waits for NMI's ``/readyz
 leaving both running in the background. ``exec POD -- CMD`` runs a command in a pod's namespace;
 ``status`` says what is up; ``down`` removes everything ``up`` made.
 
+Workload identity (``--kube``, automatic when the file has a ServiceAccount annotated
+``azure.workload.identity/client-id`` or a bound ``AzureIdentity`` of ``type: 3``): NMI then reads
+the cluster from the API server stand-in (TLS, on 127.0.0.1:6443 in the node, loaded with the
+file's objects, the ServiceAccounts its pods run as and the node) instead of the file, and
+exchanges service-account tokens at the Azure AD stand-in (TLS, 127.0.0.1:8443, its CA given to
+NMI with ``--aad-ca-bundle``), which trusts the API server's CA to fetch the issuer's keys. For
+every federated client, the Azure AD stand-in holds what an operator would create in Azure: the
+app and a federated credential for the API server's issuer and ``system:serviceaccount:NS:SA``.
+Both stand-ins run in one process, ``kube-aad``, with a plain-HTTP control port (127.0.0.1:8089:
+``/readyz``, ``/exchanges``: the TokenRequests and token exchanges seen, tokens left out).
+
 What ``up`` made is written to ``<state dir>/<prefix>.json`` (default ``/run/nmi-sandbox``), with
 the processes' logs in ``<state dir>/<prefix>/``. The ``Sandbox`` class is the same machinery for
 Python callers (the demo and the end-to-end tests).
@@ -15,6 +26,7 @@ Python callers (the demo and the end-to-end tests).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import ipaddress
 import json
@@ -27,9 +39,13 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from standins.netns import HELPER, HarnessError, Node, delete_namespace, list_namespaces, pod_network
+
+if TYPE_CHECKING:
+    from standins.aad import AadStandin
+    from standins.apiserver import FakeApiServer, IssuedToken
 
 STATE_DIR = Path(os.environ.get("NMI_SANDBOX_DIR", "/run/nmi-sandbox"))
 DEFAULT_PREFIX = "nmisb"
@@ -39,6 +55,13 @@ NMI_PORT = 2579
 PROBE_PORT = 8085
 METRICS_PORT = 9090
 TOKEN_PATH = "/metadata/identity/oauth2/token"
+API_PORT = 6443
+AAD_PORT = 8443
+CONTROL_PORT = 8089
+FEDERATION_TENANT = "8d4f5a1e-7a3b-4c2d-9e10-5b6c7d8e9f00"
+"""The tenant of federated clients whose service account names none (NMI's --federation-tenant-id)."""
+KUBE_AAD = "kube-aad"
+"""The process running the API server and Azure AD stand-ins."""
 UPLINKS = ("10.240.0.4/16", "172.31.0.4/16", "192.168.254.4/24")
 _PREFIX_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
 _PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
@@ -105,6 +128,46 @@ def plan_pods(objects: Sequence[Any]) -> tuple[str, list[Any]]:
     if len(nodes) > 1:
         raise SandboxError(f"the cluster state's pods run on several nodes ({', '.join(nodes)}); keep one")
     return nodes[0], [pod for pod in pods if pod.node_name == nodes[0]]
+
+
+@dataclass(frozen=True, order=True)
+class Federation:
+    """One federated identity credential an operator would create in Azure: ``client_id``'s app (in
+    ``tenant``) trusts the cluster's service-account tokens about ``subject``."""
+
+    tenant: str
+    client_id: str
+    subject: str
+
+
+def plan_federation(objects: Sequence[Any], tenant: str = FEDERATION_TENANT) -> list[Federation]:
+    """The federated credentials the file's workload identities need: one per ServiceAccount annotated
+    with a client ID, and one per (type-3 AzureIdentity, service account of a pod its bindings select).
+    A tenant named by the annotation or the identity wins over ``tenant``."""
+    from podidentity.model import AzureIdentity, AzureIdentityBinding, IdentityType, Pod, ServiceAccount
+
+    planned: set[Federation] = set()
+    for obj in objects:
+        if isinstance(obj, ServiceAccount) and obj.client_id:
+            subject = f"system:serviceaccount:{obj.namespace}:{obj.name}"
+            planned.add(Federation(obj.tenant_id or tenant, obj.client_id, subject))
+    identities = {
+        (obj.namespace, obj.name): obj
+        for obj in objects
+        if isinstance(obj, AzureIdentity) and obj.type == IdentityType.FEDERATED
+    }
+    pods = [obj for obj in objects if isinstance(obj, Pod)]
+    for obj in objects:
+        if not isinstance(obj, AzureIdentityBinding):
+            continue
+        identity = identities.get((obj.namespace, obj.identity_name))
+        if identity is None:
+            continue
+        for pod in pods:
+            if pod.labels.get("aadpodidbinding") == obj.selector:
+                subject = f"system:serviceaccount:{pod.namespace}:{pod.service_account}"
+                planned.add(Federation(identity.tenant_id or tenant, identity.client_id, subject))
+    return sorted(planned)
 
 
 class Sandbox:
@@ -190,7 +253,10 @@ class Sandbox:
         nmi_args: Sequence[str] = (),
         ready_timeout: float = 20.0,
         topology: str = "bridge",
+        kube: bool | None = None,
     ) -> Sandbox:
+        """``kube``: NMI against the API server and Azure AD stand-ins (workload identity) instead of
+        the file; ``None`` decides from the file (any federated credential needed means yes)."""
         from nmi.cluster_file import load
         from podidentity.errors import ConfigError
 
@@ -204,6 +270,9 @@ class Sandbox:
         except ConfigError as exc:
             raise SandboxError(str(exc)) from None
         node_name, pods = plan_pods(objects)
+        federation = plan_federation(objects)
+        if kube is None:
+            kube = bool(federation)
         addressed = [pod for pod in pods if pod.ip and not pod.host_network]
         ips = list(dict.fromkeys(pod.ip for pod in addressed))
         if not ips:
@@ -252,9 +321,21 @@ class Sandbox:
                 "processes": {},
                 "log_dir": str(log_dir),
                 "nmi_args": list(nmi_args),
+                "kube": None,
             },
             state_path,
         )
+        if kube:
+            sandbox.state["kube"] = {
+                "api": f"https://127.0.0.1:{API_PORT}",
+                "issuer": f"https://127.0.0.1:{API_PORT}",
+                "authority": f"https://127.0.0.1:{AAD_PORT}/",
+                "tenant": FEDERATION_TENANT,
+                "control": CONTROL_PORT,
+                "kubeconfig": str(log_dir / "kubeconfig"),
+                "aad_ca": str(log_dir / "aad-ca.pem"),
+                "federation": [f.__dict__ for f in federation],
+            }
         try:
             sandbox._save()
             log_dir.mkdir(parents=True, exist_ok=True)
@@ -264,7 +345,12 @@ class Sandbox:
             # A system-assigned identity too, so excepted pods get the node's own identity, as on a VM.
             imds += ["--identities-from", str(path), "--system-assigned"]
             sandbox._spawn("imds", imds)
+            if kube:
+                # Started together: each takes a few hundred milliseconds of imports.
+                sandbox._spawn(KUBE_AAD, sandbox.kube_aad_argv())
             sandbox._wait_http("imds", METADATA_IP, METADATA_PORT, "/__standin/identities", 10.0)
+            if kube:
+                sandbox._wait_http(KUBE_AAD, "127.0.0.1", CONTROL_PORT, "/readyz", 15.0)
             sandbox.start_nmi(nmi_args, ready_timeout=ready_timeout)
             sandbox.state["status"] = "up"
             sandbox._save()
@@ -273,13 +359,50 @@ class Sandbox:
             raise
         return sandbox
 
+    @property
+    def kube(self) -> dict[str, Any] | None:
+        """Where the API server and Azure AD stand-ins are (``--kube``), else ``None``."""
+        kube: dict[str, Any] | None = self.state.get("kube")
+        return kube
+
+    def kube_aad_argv(self) -> list[str]:
+        kube = self.kube
+        assert kube is not None
+        return [
+            *_python(),
+            "-m",
+            "standins.sandbox",
+            KUBE_AAD,
+            "--cluster-state",
+            self.state["cluster_state"],
+            "--dir",
+            str(self.log_dir),
+            "--tenant",
+            kube["tenant"],
+        ]
+
+    def _source_args(self) -> list[str]:
+        """Where NMI reads the cluster from: the file, or the API server stand-in (and Azure AD's)."""
+        kube = self.kube
+        if kube is None:
+            return ["--cluster-state", self.state["cluster_state"]]
+        return [
+            "--kubeconfig",
+            kube["kubeconfig"],
+            "--aad-ca-bundle",
+            kube["aad_ca"],
+            "--federation-authority-host",
+            kube["authority"],
+            "--federation-tenant-id",
+            kube["tenant"],
+        ]
+
     def nmi_argv(self, extra: Sequence[str] = ()) -> list[str]:
         return [
             *_python(),
             "-m",
             "nmi",
-            "--cluster-state",
-            self.state["cluster_state"],
+            *self._source_args(),
             "--node",
             self.state["node_name"],
             "--operation-mode",
@@ -447,6 +570,18 @@ class Sandbox:
         requests: list[dict[str, Any]] = answer["body"]["requests"]
         return requests
 
+    def exchanges(self) -> dict[str, Any]:
+        """What the API server and Azure AD stand-ins saw (``--kube``): ``{"issuer", "token_requests":
+        [{"namespace", "service_account", "pod", "iss", "sub", "aud"}], "aad_calls": [{"tenant",
+        "client_id", "scope", "method", "status", "error", "federated_subject"}], "federation"}``."""
+        if self.kube is None:
+            raise SandboxError(f"sandbox {self.prefix} runs NMI from its file: no API server, no Azure AD")
+        answer = self.http(self.node_ns, "127.0.0.1", CONTROL_PORT, "/exchanges", no_metadata=True)
+        if answer["status"] != 200:
+            raise SandboxError(f"the API server and Azure AD stand-ins did not answer: {answer}")
+        body: dict[str, Any] = answer["body"]
+        return body
+
     def metrics(self) -> str:
         answer = self.http(self.node_ns, "127.0.0.1", METRICS_PORT, "/metrics", no_metadata=True)
         if answer["status"] != 200:
@@ -473,7 +608,7 @@ class Sandbox:
     def down(self) -> list[str]:
         """Stop NMI (SIGTERM) and the stand-in, delete the namespaces, logs and state; what was done."""
         done = []
-        for name in ("nmi", "imds"):
+        for name in ("nmi", KUBE_AAD, "imds"):
             if self.process_running(name):
                 self.stop_process(name)
                 done.append(f"stopped {name}")
@@ -484,8 +619,9 @@ class Sandbox:
             if netns in existing:
                 delete_namespace(netns)  # the rules live in the node namespace and go with it
                 done.append(f"deleted netns {netns}")
-        for path in self.log_dir.glob("*.log") if self.log_dir.is_dir() else ():
-            path.unlink(missing_ok=True)
+        for pattern in ("*.log", "*.pem", "kubeconfig"):
+            for path in self.log_dir.glob(pattern) if self.log_dir.is_dir() else ():
+                path.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             self.log_dir.rmdir()
         self.state_path.unlink(missing_ok=True)
@@ -546,6 +682,13 @@ def _print_status(info: dict[str, Any]) -> None:
         f"  endpoints      NMI 127.0.0.1:{ports['nmi']}, /readyz :{ports['probe']}, "
         f"/metrics :{ports['metrics']}, IMDS stand-in {info['metadata']}"
     )
+    kube = info.get("kube")
+    if kube:
+        print(
+            f"  workload id.   API server stand-in {kube['api']} (issuer {kube['issuer']}), "
+            f"Azure AD stand-in {kube['authority']} (tenant {kube['tenant']}); "
+            f"{len(kube['federation'])} federated credential(s)"
+        )
     for name, proc in info["processes"].items():
         state = "running" if proc["running"] else "NOT running"
         extra = ""
@@ -570,8 +713,8 @@ def _parser() -> argparse.ArgumentParser:
         "up",
         parents=[common],
         help="build the node and pods, start IMDS stand-in and NMI",
-        usage="nmi-sandbox up FILE [--mode standard|managed] [--topology bridge|routed] [--prefix NAME] "
-        "[-- MORE NMI FLAGS...]",
+        usage="nmi-sandbox up FILE [--mode standard|managed] [--topology bridge|routed] [--kube|--no-kube] "
+        "[--prefix NAME] [-- MORE NMI FLAGS...]",
     )
     up.add_argument("file", help="a --cluster-state YAML file")
     up.add_argument("--mode", choices=["standard", "managed"], default="standard")
@@ -581,6 +724,13 @@ def _parser() -> argparse.ArgumentParser:
         choices=["bridge", "routed"],
         default="bridge",
         help="pods on a bridge (kubenet-like) or each behind its own routed veth (Calico-like)",
+    )
+    up.add_argument(
+        "--kube",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="NMI against API server and Azure AD stand-ins (workload identity) instead of the file; "
+        "default: when the file has a federated service account or type-3 identity",
     )
     ex = sub.add_parser("exec", parents=[common], help="run a command inside a pod's network namespace")
     ex.add_argument("pod", help="name or namespace/name")
@@ -620,11 +770,14 @@ def run(argv: Sequence[str] | None = None) -> int:
             nmi_args=args.nmi_args,
             ready_timeout=args.ready_timeout,
             topology=args.topology,
+            kube=args.kube,
         )
         pods = ", ".join(f"{p.name} {p.ip}" for p in sandbox.pods() if p.netns)
         print(
             f"sandbox {prefix} up in {time.monotonic() - started:.1f}s: node {sandbox.state['node_name']} "
-            f"(netns {sandbox.node_ns}), pods {pods}; NMI ready ({args.mode} mode)"
+            f"(netns {sandbox.node_ns}), pods {pods}; NMI ready ({args.mode} mode"
+            + (", workload identity: API server and Azure AD stand-ins" if sandbox.kube else "")
+            + ")"
         )
         return 0
     prefix = _resolve_prefix(args.prefix, state_dir)
@@ -673,7 +826,152 @@ def _terminate_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+# --- the API server and Azure AD stand-ins, one process in the node (--kube) --------------------------
+
+
+def cluster_documents(text: str) -> list[dict[str, Any]]:
+    """The objects the API server stand-in serves for a ``--cluster-state`` file: the file's own, plus
+    the ServiceAccounts its pods run as and the nodes they name, when the file has none of them (a
+    real cluster always has them; TokenRequest needs the service account)."""
+    import yaml
+
+    from nmi.cluster_file import parse_documents
+    from podidentity.model import Pod, ServiceAccount
+
+    docs = [doc for doc in yaml.safe_load_all(text) if isinstance(doc, dict)]
+    objects = parse_documents(text, origin="cluster state")
+    have_sa = {(o.namespace, o.name) for o in objects if isinstance(o, ServiceAccount)}
+    have_nodes = {str(d.get("metadata", {}).get("name")) for d in docs if d.get("kind") == "Node"}
+    extra: list[dict[str, Any]] = []
+    for obj in objects:
+        if not isinstance(obj, Pod):
+            continue
+        if (obj.namespace, obj.service_account) not in have_sa:
+            have_sa.add((obj.namespace, obj.service_account))
+            meta = {"name": obj.service_account, "namespace": obj.namespace}
+            extra.append({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta})
+        if obj.node_name and obj.node_name not in have_nodes:
+            have_nodes.add(obj.node_name)
+            extra.append({"apiVersion": "v1", "kind": "Node", "metadata": {"name": obj.node_name}})
+    return docs + extra
+
+
+def _prepare_kube_aad(
+    args: argparse.Namespace,
+) -> tuple[FakeApiServer, AadStandin, list[Federation], int]:
+    """The two stand-ins, loaded, their CA bundles and NMI's kubeconfig written (before they listen:
+    the API server's address, hence its issuer, is fixed by ``--api-port``)."""
+    import secrets as _secrets
+
+    from nmi.cluster_file import load
+    from standins.aad import AadStandin
+    from standins.apiserver import FakeApiServer
+
+    folder = Path(args.dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = Path(args.cluster_state)
+    api = FakeApiServer(host="127.0.0.1", port=args.api_port, tls=True, token=_secrets.token_urlsafe(24))
+    count = api.load(cluster_documents(path.read_text()))
+    assert api.ca_pem is not None
+    cluster_ca = folder / "cluster-ca.pem"
+    cluster_ca.write_bytes(api.ca_pem)
+    api.write_kubeconfig(folder / "kubeconfig").chmod(0o600)
+    aad = AadStandin(host="127.0.0.1", port=args.aad_port, trust=str(cluster_ca))
+    aad.add_tenant(args.tenant)
+    federation = plan_federation(load(path), args.tenant)
+    for entry in federation:
+        try:
+            aad.app(entry.tenant, entry.client_id)
+        except KeyError:
+            aad.register_app(entry.tenant, entry.client_id, display_name=f"sandbox {entry.subject}")
+        aad.add_federated_credential(entry.tenant, entry.client_id, issuer=api.issuer, subject=entry.subject)
+    aad.write_ca_bundle(folder / "aad-ca.pem")
+    return api, aad, federation, count
+
+
+async def _serve_kube_aad(
+    api: FakeApiServer, aad: AadStandin, federation: list[Federation], count: int, control_port: int
+) -> None:
+    from aiohttp import web
+
+    from standins._jwt import claims_of
+
+    await api.start()
+    await aad.start()
+
+    def token_request(issued: IssuedToken) -> dict[str, Any]:
+        claims = claims_of(issued.token)
+        return {
+            "namespace": issued.namespace,
+            "service_account": issued.service_account,
+            "pod": issued.pod,
+            "iss": claims.get("iss"),
+            "sub": claims.get("sub"),
+            "aud": claims.get("aud"),
+            "expiration_seconds": issued.expiration_seconds,
+        }
+
+    async def exchanges(request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "issuer": api.issuer,
+                "authority": aad.url,
+                "token_requests": [token_request(issued) for issued in api.issued_tokens],
+                "aad_calls": [call.__dict__ for call in aad.calls],
+                "federation": [entry.__dict__ for entry in federation],
+            }
+        )
+
+    async def readyz(request: web.Request) -> web.Response:
+        return web.json_response({"api": api.url, "aad": aad.url})
+
+    control = web.Application()
+    control.router.add_get("/readyz", readyz)
+    control.router.add_get("/exchanges", exchanges)
+    runner = web.AppRunner(control, access_log=None, shutdown_timeout=0.2)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", control_port, reuse_address=True)
+    await site.start()  # last: /readyz answering means both stand-ins are up
+    print(
+        f"API server stand-in on {api.url} ({count} objects, issuer {api.issuer}); Azure AD stand-in "
+        f"on {aad.url}, {len(federation)} federated credential(s): "
+        + ", ".join(f"{f.client_id} <- {f.subject}" for f in federation),
+        flush=True,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+        await aad.close()
+        await api.stop()
+
+
+def kube_aad_main(argv: Sequence[str]) -> int:
+    """``python -m standins.sandbox kube-aad --cluster-state FILE --dir DIR``: the API server stand-in
+    (TLS, loaded from FILE) and the Azure AD stand-in (TLS, trusting the first's CA, holding FILE's
+    federated credentials) until SIGTERM; writes ``kubeconfig``, ``cluster-ca.pem`` and ``aad-ca.pem``
+    into DIR."""
+    parser = argparse.ArgumentParser(prog=f"python -m standins.sandbox {KUBE_AAD}")
+    parser.add_argument("--cluster-state", required=True)
+    parser.add_argument("--dir", required=True)
+    parser.add_argument("--tenant", default=FEDERATION_TENANT)
+    parser.add_argument("--api-port", type=int, default=API_PORT)
+    parser.add_argument("--aad-port", type=int, default=AAD_PORT)
+    parser.add_argument("--control-port", type=int, default=CONTROL_PORT)
+    args = parser.parse_args(list(argv))
+    api, aad, federation, count = _prepare_kube_aad(args)
+    asyncio.run(_serve_kube_aad(api, aad, federation, count, args.control_port))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> None:
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words[:1] == [KUBE_AAD]:  # the stand-ins' process, not a command for users
+        sys.exit(kube_aad_main(words[1:]))
     try:
         with _terminate_as_interrupt():
             code = run(argv)

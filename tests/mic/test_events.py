@@ -42,8 +42,9 @@ async def test_a_refused_identity_gets_its_event_with_the_arm_code_and_holds_bac
     assert refused["source"]["component"] == "aadpodidentity.k8s.io"
     on_aai = events(env, kind="AzureAssignedIdentity", name="p-refused-default-id-refused")
     assert [e["reason"] for e in on_aai] == ["binding apply error"]
-    applied = events(env, kind="AzureIdentityBinding", name="bind-ok")
+    applied = events(env, kind="AzureAssignedIdentity", name="p-ok-default-id-ok")
     assert [e["reason"] for e in applied] == ["binding applied"] and applied[0]["type"] == "Normal"
+    assert not events(env, kind="AzureIdentityBinding", name="bind-ok")  # successes: on the AAI only
 
     # A new pod on the same scale set is not held back by the refused identity's 30 s backoff.
     started = time.monotonic()
@@ -83,3 +84,19 @@ async def test_an_identity_with_an_invalid_resource_id_is_reported_once(env: Env
     await app.events.flush()
     assert len(events(env, kind="AzureIdentity", name="bad")) == 1
     assert env.aai("p-bad-default-bad") is None
+
+
+async def test_one_object_gets_at_most_a_burst_of_events_then_one_per_five_minutes() -> None:
+    from mic.events import SPAM_BURST, EventRecorder, Subject
+
+    now = [1000.0]
+    recorder = EventRecorder(None, instance="mic-0", clock=lambda: now[0])  # type: ignore[arg-type]
+    subject = Subject("AzureIdentityBinding", "default", "busy")
+    for i in range(SPAM_BURST + 10):
+        recorder.record(subject, "Warning", "binding apply error", f"attempt {i}")
+    assert recorder.dropped == 10
+    recorder.record(Subject("AzureIdentityBinding", "default", "quiet"), "Normal", "x", "y")
+    assert recorder.dropped == 10  # another object has its own budget
+    now[0] += 300.0
+    recorder.record(subject, "Warning", "binding apply error", "later")
+    assert recorder.dropped == 10
