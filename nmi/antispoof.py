@@ -17,8 +17,11 @@ NMI names the caller by its source address, so its security is the node's anti-s
     Never decided from kubelet flags (kubenet + Calico defeats that).
 ``off``
     Nothing is installed; a rule left by an earlier run is removed as stale.
-``bridge``
-    Refused by the command line in this version.
+``bridge`` (opt-in)
+    An nftables ``bridge`` table pins each pod's bridge port to its MAC and IPv4 address, from
+    the container runtime's CNI result cache (``iptables.bridge``; run by
+    ``nmi.interception``). The raw-table rule is not wanted (a stale one is removed). The node
+    is reported protected once the table is installed and while its reconcile succeeds.
 
 ``classify`` is pure; ``read_routes`` is the netlink adapter (pyroute2), blocking: call it in a
 thread.
@@ -66,6 +69,8 @@ class Effect(enum.StrEnum):
     DETECTING = "detecting"
     """``auto`` with no pod to look at yet: nothing installed so far."""
     OFF = "off"
+    BRIDGE = "bridge"
+    """``--anti-spoofing=bridge``: the nftables bridge table pins each pod's port."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,13 +160,16 @@ class AntiSpoofing:
         detect: Callable[[Sequence[str]], Topology] = detect_topology,
         registry: CollectorRegistry | None = None,
     ) -> None:
-        if mode == "bridge":
-            raise ValueError("--anti-spoofing=bridge is not implemented in this version")
         self.mode = mode
         self._state = state
         self._detect = detect
         self.topology = Topology.UNKNOWN
-        self.effect = {"routed": Effect.ROUTED, "off": Effect.OFF}.get(mode, Effect.DETECTING)
+        self.effect = {"routed": Effect.ROUTED, "off": Effect.OFF, "bridge": Effect.BRIDGE}.get(
+            mode, Effect.DETECTING
+        )
+        self.bridge_pinned: Callable[[], bool] = lambda: False
+        """Whether the bridge table is installed and its latest reconcile succeeded (set by the owner)."""
+        self.bridge_detail: Callable[[], dict[str, object]] = dict
         self._warned: set[str] = set()
         self._gauge: Gauge | None = None
         if registry is not None:
@@ -186,6 +194,8 @@ class AntiSpoofing:
 
     @property
     def protected(self) -> bool:
+        if self.effect is Effect.BRIDGE:
+            return self.bridge_pinned()
         return self.effect is Effect.ROUTED and self.topology is not Topology.BRIDGED
 
     @property
@@ -202,6 +212,8 @@ class AntiSpoofing:
         }
         if self.effect is Effect.UNPROTECTED or (self.mode == "routed" and self.topology is Topology.BRIDGED):
             out["advice"] = UNPROTECTED_ADVICE
+        if self.effect is Effect.BRIDGE:
+            out.update(self.bridge_detail())
         return out
 
     def update(self, topology: Topology) -> bool:
@@ -222,6 +234,12 @@ class AntiSpoofing:
                 "unprotected",
                 "anti-spoofing: pods reach this node through a bridge; the node is NOT protected "
                 "against source-address spoofing toward the metadata endpoint: " + UNPROTECTED_ADVICE,
+            )
+        if self.mode == "bridge" and self.topology is Topology.ROUTED:
+            self._warn_once(
+                "bridge-on-routed",
+                "anti-spoofing: --anti-spoofing=bridge on a routed node: pods are not behind bridge ports, "
+                "the bridge table pins nothing; use --anti-spoofing=routed (docs/security.md)",
             )
         if self.mode == "routed" and self.topology is Topology.BRIDGED:
             self._warn_once(

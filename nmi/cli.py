@@ -111,7 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "routed", "bridge", "off"],
         default="auto",
         help="stop pods forging another pod's address toward the metadata endpoint: auto (routed rule "
-        "on routed nodes, a warning on bridged ones), routed, off; bridge is not implemented yet",
+        "on routed nodes, a warning on bridged ones), routed, bridge (pin each bridge port to its pod's "
+        "MAC and IP, from the CNI result cache; opt-in), off",
+    )
+    g.add_argument(
+        "--cni-cache-dir",
+        default="/var/lib/cni/results",
+        help="the container runtime's CNI result cache (libcni cniCacheV1 files), read by "
+        "--anti-spoofing=bridge",
     )
     g = p.add_argument_group("observability")
     g.add_argument("--prometheus-port", type=port, default=9090)
@@ -212,6 +219,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
             host_network_exempt_uids=tuple(args.host_network_exempt_uid),
             host_network_exempt_cgroups=tuple(args.host_network_exempt_cgroup),
             anti_spoofing=args.anti_spoofing,
+            cni_cache_dir=args.cni_cache_dir,
         ),
     )
 
@@ -222,11 +230,6 @@ def parse(argv: Sequence[str] | None = None) -> Settings:
     if args.version:
         print(f"NMI Version: {__version__}")
         raise SystemExit(0)
-    if args.anti_spoofing == "bridge":
-        parser.error(
-            "--anti-spoofing=bridge is not implemented in this version; use auto, routed or off, and drop "
-            "NET_RAW from pods on bridged nodes (docs/security.md)"
-        )
     if not args.node and args.cluster_state is None:
         # The original accepted an empty node and then matched nothing (nmi-spec §9.20).
         parser.error("--node (or NODE_NAME) is required when reading the Kubernetes API")

@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import time
 
+from iptables.bridge import BridgePinner, opted_out_ips
 from iptables.drift import Drift
 from iptables.reconcile import Reconciler
 from iptables.rules import HostNetworkInterception, RuleSpec
@@ -20,6 +21,7 @@ from nmi.metrics import Metrics
 from nmi.netsetup import KUBENET_REFUSAL, NetSetupError, ensure_route_localnet, is_kubenet, purge_conntrack
 from nmi.settings import Settings
 from podidentity.errors import ConfigError
+from podidentity.model import Pod
 from podidentity.probes import Check
 from podidentity.state import ClusterState
 
@@ -61,11 +63,14 @@ class Interception:
         reconciler: Reconciler,
         anti_spoofing: AntiSpoofing | None = None,
         state: ClusterState | None = None,
+        bridge: BridgePinner | None = None,
     ) -> None:
         self.runner = runner
         self.reconciler = reconciler
         self.anti_spoofing = anti_spoofing
         self._state = state
+        self.bridge = bridge
+        """``--anti-spoofing=bridge``: the nftables table pinning each pod's bridge port."""
 
     def checks(self) -> list[Check]:
         """Extra readiness checks: the anti-spoofing report, which never fails (detail only)."""
@@ -84,12 +89,15 @@ class Interception:
 
     async def run(self) -> None:
         anti, state = self.anti_spoofing, self._state
-        if anti is None or state is None or anti.mode != "auto":
+        if self.bridge is None and (anti is None or state is None or anti.mode != "auto"):
             await self.reconciler.run()
             return
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(self.reconciler.run())
-            tasks.create_task(self._wake_on_first_pods(anti, state))
+            if self.bridge is not None:
+                tasks.create_task(self.bridge.run())
+            if anti is not None and state is not None and anti.mode == "auto":
+                tasks.create_task(self._wake_on_first_pods(anti, state))
 
     async def _wake_on_first_pods(self, anti: AntiSpoofing, state: ClusterState) -> None:
         """While ``auto`` has no pod to look at, a pass follows the first pod changes (at most 1/s)."""
@@ -101,6 +109,8 @@ class Interception:
 
     async def remove(self) -> None:
         await self.runner.remove()
+        if self.bridge is not None:
+            await self.bridge.remove()
 
 
 def host_network(settings: Settings) -> HostNetworkInterception | None:
@@ -146,7 +156,9 @@ async def start_interception(
                     ", ".join(changed),
                 )
     runner = IptablesRunner(spec)
-    anti = AntiSpoofing(ipt.anti_spoofing, state or ClusterState(), registry=metrics.registry)
+    state = state or ClusterState()
+    anti = AntiSpoofing(ipt.anti_spoofing, state, registry=metrics.registry)
+    bridge = bridge_pinner(settings, anti, state, spec) if ipt.anti_spoofing == "bridge" else None
     manager = AntiSpoofingRules(runner, anti)
 
     async def purge(_drift: Drift) -> None:
@@ -162,4 +174,25 @@ async def start_interception(
         metrics=metrics,
         on_change=purge if ipt.enable_conntrack_deletion else None,
     )
-    return Interception(runner, reconciler, anti, state)
+    return Interception(runner, reconciler, anti, state, bridge)
+
+
+def bridge_pinner(
+    settings: Settings, anti: AntiSpoofing, state: ClusterState, spec: RuleSpec
+) -> BridgePinner:
+    """The bridged mode's table manager, wired to the readiness report; drift checked every
+    ``--ipt-update-interval-sec``, the CNI cache polled every 0.5 s."""
+    pinner = BridgePinner(
+        settings.iptables.cni_cache_dir,
+        opted_out=lambda: opted_out_ips(state.all(Pod)),
+        metadata_ip=spec.metadata_ip,
+        metadata_port=spec.metadata_port,
+        check_interval_s=settings.iptables.update_interval_s,
+    )
+    anti.bridge_pinned = lambda: pinner.installed.is_set() and pinner.healthy
+    anti.bridge_detail = lambda: {
+        "cni_cache_dir": str(pinner.cache_dir),
+        "pinned_ports": pinner.pinned_count,
+        "last_error": pinner.last_error,
+    }
+    return pinner

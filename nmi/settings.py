@@ -102,6 +102,8 @@ class IptablesSettings:
     """Who keeps reaching IMDS directly when ``intercept_host_network`` is on; NMI must be among them."""
     anti_spoofing: AntiSpoofingMode = "auto"
     """``--anti-spoofing``: stop pods forging another pod's address toward IMDS (docs/security.md)."""
+    cni_cache_dir: str = "/var/lib/cni/results"
+    """``--cni-cache-dir``: the runtime's CNI result cache, the bridged mode's only source of pod facts."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -246,6 +246,9 @@ class Node:
         node_address: str = "10.240.0.4/16",
         metadata_ip: str = "169.254.169.254",
         topology: str = "bridge",
+        cni_cache: bool = True,
+        cni_cache_dir: str | os.PathLike[str] | None = None,
+        cni_network: str = "kubenet",
     ) -> None:
         if topology not in TOPOLOGIES:
             raise HarnessError(f"topology must be one of {', '.join(TOPOLOGIES)}, got {topology!r}")
@@ -272,6 +275,10 @@ class Node:
         self.pods = [Pod(f"{self.prefix}-pod{i}", ip, f"veth{i}") for i, ip in enumerate(ips)]
         self._procs: list[subprocess.Popen[Any]] = []
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self.cni_cache = cni_cache and topology == "bridge"
+        """Write a runtime's CNI result cache file for each bridged pod when the node is built."""
+        self._cni_cache_dir = Path(cni_cache_dir) if cni_cache_dir is not None else None
+        self.cni_network = cni_network
 
     @property
     def namespaces(self) -> list[str]:
@@ -312,6 +319,9 @@ class Node:
         self.run_in(self.ns, ["sysctl", "-qw", *rp_filter])
         if self.route_localnet:
             self.set_route_localnet(True)
+        if self.cni_cache:
+            for pod in self.pods:
+                self.write_cni_cache(pod)
 
     def _uplink(self) -> list[str]:
         gateway = self.node_interface.network.network_address + 1
@@ -378,6 +388,64 @@ class Node:
                 ],
                 pod.ns,
             )
+
+    # -- the container runtime's CNI result cache (libcni cniCacheV1), bridged pods only ---------
+
+    @property
+    def cni_cache_dir(self) -> Path:
+        """Where this node's runtime keeps CNI results (``/var/lib/cni/results`` on a real node)."""
+        return self._cni_cache_dir if self._cni_cache_dir is not None else self.tmpdir / "cni-results"
+
+    @staticmethod
+    def container_id(pod: Pod) -> str:
+        return pod.ns.encode().hex().ljust(64, "0")[:64]
+
+    def cni_cache_path(self, pod: Pod) -> Path:
+        return self.cni_cache_dir / f"{self.cni_network}-{self.container_id(pod)}-eth0"
+
+    def mac_of(self, ns: str, device: str) -> str:
+        links = json.loads(self.run_in(ns, ["ip", "-j", "link", "show", "dev", device]).stdout)
+        return str(links[0]["address"])
+
+    def cni_result(self, pod: Pod) -> dict[str, Any]:
+        """The cache document libcni writes after the bridge plugin's ADD for ``pod``: interfaces
+        bridge, host veth, container eth0 (the only one with a sandbox), and the pod's address."""
+        if self.topology != "bridge":
+            raise HarnessError("CNI cache files are written for bridged pods only")
+        sandbox = {"name": "eth0", "mac": self.mac_of(pod.ns, "eth0"), "sandbox": f"/var/run/netns/{pod.ns}"}
+        address = {"address": f"{pod.ip}/{self._pod_prefixlen}", "gateway": self.bridge_ip, "interface": 2}
+        return {
+            "kind": "cniCacheV1",
+            "containerId": self.container_id(pod),
+            "config": "",
+            "ifName": "eth0",
+            "networkName": self.cni_network,
+            "cniArgs": [["K8S_POD_NAMESPACE", "default"], ["K8S_POD_NAME", pod.ns]],
+            "result": {
+                "cniVersion": "1.0.0",
+                "interfaces": [
+                    {"name": self.bridge, "mac": self.mac_of(self.ns, self.bridge)},
+                    {"name": pod.host_veth, "mac": self.mac_of(self.ns, pod.host_veth)},
+                    sandbox,
+                ],
+                "ips": [address],
+                "routes": [{"dst": "0.0.0.0/0"}],
+                "dns": {},
+            },
+        }
+
+    def write_cni_cache(self, pod: Pod) -> Path:
+        """Write ``pod``'s cache file as a runtime does after a successful ADD (atomically)."""
+        path = self.cni_cache_path(pod)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(self.cni_result(pod)))
+        tmp.rename(path)
+        return path
+
+    def remove_cni_cache(self, pod: Pod) -> None:
+        """What a runtime does on DEL."""
+        self.cni_cache_path(pod).unlink(missing_ok=True)
 
     def set_route_localnet(self, enabled: bool) -> None:
         value = int(enabled)
@@ -714,6 +782,38 @@ def _spoof_syn_main(argv: Sequence[str]) -> None:
     print(json.dumps({"sent": args.count}), flush=True)
 
 
+def arp_frame(sender_mac: str, sender_ip: str, target_ip: str, *, op: int = 2) -> bytes:
+    """A broadcast (gratuitous) ARP frame: ``sender_ip is-at sender_mac``, to ``target_ip``."""
+    import struct
+
+    mac = bytes.fromhex(sender_mac.replace(":", ""))
+    sip, tip = ipaddress.IPv4Address(sender_ip).packed, ipaddress.IPv4Address(target_ip).packed
+    broadcast = b"\xff" * 6
+    ethernet = broadcast + mac + struct.pack("!H", 0x0806)
+    target_mac = broadcast if op == 2 else b"\0" * 6
+    arp = struct.pack("!HHBBH", 1, 0x0800, 6, 4, op) + mac + sip + target_mac + tip
+    return ethernet + arp
+
+
+def _garp_main(argv: Sequence[str]) -> None:
+    """Send gratuitous ARP claiming ``--ip`` for this namespace's ``--dev`` MAC (AF_PACKET: NET_RAW)."""
+    import socket
+
+    parser = argparse.ArgumentParser(prog="standins.netns garp")
+    parser.add_argument("--ip", required=True, help="the claimed address (the victim's)")
+    parser.add_argument("--target", help="the target address (default: the claimed one)")
+    parser.add_argument("--dev", default="eth0")
+    parser.add_argument("--count", type=int, default=1)
+    args = parser.parse_args(argv)
+    mac = Path(f"/sys/class/net/{args.dev}/address").read_text().strip()
+    frame = arp_frame(mac, args.ip, args.target or args.ip)
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as raw:
+        raw.bind((args.dev, 0))
+        for _ in range(args.count):
+            raw.send(frame)
+    print(json.dumps({"sent": args.count, "mac": mac}), flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m standins.netns up [--pods N]`` builds a node and keeps it until SIGINT/SIGTERM;
     ``cleanup`` deletes namespaces left by dead runs; ``record``, ``client`` and ``wait-http`` are
@@ -724,6 +824,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "client": _client_main,
         "wait-http": _wait_http_main,
         "spoof-syn": _spoof_syn_main,
+        "garp": _garp_main,
     }
     if args_list and args_list[0] in helpers:
         sys.exit(helpers[args_list[0]](args_list[1:]))

@@ -109,18 +109,16 @@ async def test_explicit_modes_need_no_pods_and_routed_on_a_bridge_is_not_called_
     routed = AntiSpoofing("routed", state, detect=lambda ips: Topology.BRIDGED)
     assert await routed.decide() is True
     assert not routed.protected and "advice" in routed.detail()
-    with pytest.raises(ValueError, match="not implemented"):
-        AntiSpoofing("bridge", state)
+    bridge = AntiSpoofing("bridge", state, detect=lambda ips: Topology.BRIDGED)
+    assert await bridge.decide() is False and bridge.effect is Effect.BRIDGE
 
 
-def test_cli_default_is_auto_and_bridge_is_refused_clearly(capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_default_is_auto_and_bridge_is_opt_in() -> None:
     base = ["--cluster-state", "x.yaml", "--node", "n"]
     assert parse(base).iptables.anti_spoofing == "auto"
     assert parse([*base, "--anti-spoofing=routed"]).iptables.anti_spoofing == "routed"
     assert parse([*base, "--anti-spoofing", "off"]).iptables.anti_spoofing == "off"
-    with pytest.raises(SystemExit):
-        parse([*base, "--anti-spoofing=bridge"])
-    assert "not implemented in this version" in capsys.readouterr().err
+    assert parse([*base, "--anti-spoofing=bridge"]).iptables.anti_spoofing == "bridge"
 
 
 # --- the rule on a real kernel, NMI played by a recorder ----------------------------------------
