@@ -333,8 +333,11 @@ class LeaderElector:
             left = renewed + self.renew_deadline_s - self._monotonic()
             if left <= 0:
                 return
+            started = self._monotonic()
             if await self._attempt(left):
-                renewed = self._monotonic()
+                # The lease counts from when the renewal was sent, not when its answer came back:
+                # a slow answer must not stretch how long this replica believes it leads.
+                renewed = started
             elif self.holder not in ("", self.identity):
                 return  # someone else holds it now: step down at once
 

@@ -420,11 +420,13 @@ class Reconciler:
             return present is not None and a.identity.resource_id_folded in present
 
         async def place(a: Assignment, old: AzureAssignedIdentity | None) -> bool:
-            status = ASSIGNED if in_effect(a) else CREATED
             version = old.resource_version if old is not None else ""
-            body = render(a, status=status, resource_version=version)
             try:
                 async with gate:
+                    # Decided once a write slot is ours, not when queued: a queued write learns
+                    # that ARM finished meanwhile and then needs no second write.
+                    status = ASSIGNED if in_effect(a) else CREATED
+                    body = render(a, status=status, resource_version=version)
                     written = await (self._writer.create(body) if old is None else self._writer.replace(body))
             except Exception as exc:
                 log.warning("%s: cannot write AAI %s/%s: %s", target, a.namespace, a.name, exc)

@@ -120,7 +120,10 @@ class App:
 
             errors = self.metrics.kube_errors.labels("create_serviceaccount_token")
             accounts = ServiceAccountTokens(
-                lambda: kube.client, live=self._pod_is_live, errors=lambda: errors.inc()
+                lambda: kube.client,
+                live=self._pod_is_live,
+                pod_of=self._live_pod_of,
+                errors=lambda: errors.inc(),
             )
             assertions = accounts.for_request
         identity = self.settings.identity
@@ -140,6 +143,13 @@ class App:
         sources[IdentityType.SERVICE_PRINCIPAL_CERTIFICATE] = self._msal
         sources[IdentityType.FEDERATED] = self._msal
         return sources
+
+    def _live_pod_of(self, namespace: str, account: str) -> Pod | None:
+        """A live pod of this node running as ``namespace/account``, for a refresh whose pod went."""
+        for pod in self.state.in_namespace(Pod, namespace):
+            if pod.live and pod.service_account == account:
+                return pod
+        return None
 
     def _pod_is_live(self, pod: Pod) -> bool:
         """A pod of this node that NMI knows now, the same one (uid): only those get account tokens."""

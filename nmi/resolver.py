@@ -43,18 +43,32 @@ from podidentity.state import ClusterState
 NO_OBJECT_IDS: Mapping[str, str] = {}
 
 
+def object_id_key(identity: AzureIdentity) -> str:
+    """What an object id learned from a token belongs to: the client in its tenant at its authority
+    (one multi-tenant app has an object id per tenant; an identity pointing at another authority
+    must not teach NMI the object id of a client it merely names)."""
+    return "|".join(
+        (
+            str(int(identity.type)),
+            identity.tenant_id.casefold(),
+            identity.ad_endpoint.casefold(),
+            identity.client_id_folded,
+        )
+    )
+
+
 def match(query: IdentityQuery, identity: AzureIdentity, object_ids: Mapping[str, str]) -> bool | None:
     """Whether ``identity`` is the one ``query`` names: every named property must agree.
 
-    ``None`` when only an object id not learned yet stands between (``object_ids`` maps a folded
-    client id to its folded object id, ``""`` when it cannot be learned).
+    ``None`` when only an object id not learned yet stands between (``object_ids`` maps an
+    ``object_id_key`` to the folded object id, ``""`` when it cannot be learned).
     """
     if query.client_id and identity.client_id_folded != query.client_id:
         return False
     if query.resource_id and identity.resource_id_folded != query.resource_id:
         return False
     if query.object_id:
-        known = object_ids.get(identity.client_id_folded)
+        known = object_ids.get(object_id_key(identity))
         if known is None:
             return None
         return known == query.object_id
@@ -67,7 +81,7 @@ def _disagrees(query: IdentityQuery, identity: AzureIdentity, object_ids: Mappin
     for named, have in (
         (query.client_id, identity.client_id_folded),
         (query.resource_id, identity.resource_id_folded),
-        (query.object_id, object_ids.get(identity.client_id_folded)),
+        (query.object_id, object_ids.get(object_id_key(identity))),
     ):
         if named and have is not None:
             if named == have:
@@ -247,10 +261,15 @@ def _managed_candidates(state: ClusterState, pod: Pod) -> list[AzureIdentity]:
     return [*selected_identities(state, pod, force_namespaced=True), *_workload_identity(state, pod)]
 
 
-def _federated_candidates(state: ClusterState, pod: Pod, settings: IdentitySettings) -> list[AzureIdentity]:
+def _federated_candidates(state: ClusterState, pod: Pod) -> list[AzureIdentity]:
     """Federated identities need no assignment: those the pod's bindings select (type 3), and its
-    own service account's, if it follows workload identity's conventions."""
-    bound = selected_identities(state, pod, force_namespaced=settings.force_namespaced)
+    own service account's, if it follows workload identity's conventions.
+
+    A type-3 identity is always namespaced: its credential is the pod's own service-account token,
+    so a binding and identity of another namespace must never get to present it (with no MIC in
+    between, a cross-namespace binding would hand another team the pod's token).
+    """
+    bound = selected_identities(state, pod, force_namespaced=True)
     return [*(i for i in bound if i.type is IdentityType.FEDERATED), *_workload_identity(state, pod)]
 
 
@@ -283,7 +302,7 @@ def allowed_identities(state: ClusterState, pod: Pod, settings: IdentitySettings
     if settings.operation_mode == "managed":
         return _order(pod, _managed_candidates(state, pod))
     assigned = _standard_candidates(state, pod, settings)[0]
-    return _order(pod, [*assigned, *_federated_candidates(state, pod, settings)])
+    return _order(pod, [*assigned, *_federated_candidates(state, pod)])
 
 
 def _unbound(pod: Pod) -> str:
@@ -300,7 +319,7 @@ def resolve_standard(
     object_ids: Mapping[str, str] = NO_OBJECT_IDS,
 ) -> Decision:
     assigned, created = _standard_candidates(state, pod, settings)
-    assigned += _federated_candidates(state, pod, settings)
+    assigned += _federated_candidates(state, pod)
     selected = selected_identities(state, pod, force_namespaced=settings.force_namespaced)
     picked = _pick(pod, _order(pod, assigned), (*created, *selected), query, object_ids, settings)
     if picked is not None:

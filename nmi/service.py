@@ -18,7 +18,17 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from nmi.metrics import Metrics
-from nmi.resolver import Decision, Deny, Grant, Learn, PassThrough, Pending, Refusal, resolve
+from nmi.resolver import (
+    Decision,
+    Deny,
+    Grant,
+    Learn,
+    PassThrough,
+    Pending,
+    Refusal,
+    object_id_key,
+    resolve,
+)
 from nmi.selectors import IdentityQuery
 from nmi.settings import Settings
 from nmi.tokens.cache import TokenCache
@@ -45,6 +55,7 @@ MULTIPLE_IDENTITIES = (
 )
 MAX_OBJECT_IDS = 100_000
 DEFAULT_RETRY_AFTER_S = 2.0
+_SERVICE_PRINCIPALS = frozenset({IdentityType.SERVICE_PRINCIPAL, IdentityType.SERVICE_PRINCIPAL_CERTIFICATE})
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,8 +148,6 @@ class TokenService:
 
     def pod_by_name(self, namespace: str, name: str) -> Pod | None:
         return self.state.get(Pod, ObjectKey(namespace, name))
-
-    # --- identity -----------------------------------------------------------------------
 
     # --- the token step ---------------------------------------------------------------------
 
@@ -251,7 +260,7 @@ class TokenService:
         if tenant_id:
             # IMDS has one token per request; a service principal's auxiliary tenants are asked for
             # one at a time with ?tenant_id=, instead of the original's JSON array (nmi-spec §9.14).
-            if identity.type is IdentityType.USER_ASSIGNED_MSI:
+            if identity.type not in _SERVICE_PRINCIPALS:
                 raise BadRequest("tenant_id applies only to service-principal identities")
             if tenant_id.casefold() not in {t.casefold() for t in identity.auxiliary_tenant_ids}:
                 raise BadRequest("tenant_id is not one of the identity's auxiliaryTenantIDs")
@@ -296,7 +305,7 @@ class TokenService:
     def _remember_object_id(self, identity: AzureIdentity, token: Token) -> None:
         # An identity's object id never changes, so one token tells it for good; a token without an
         # oid claim is remembered as "" so that it is not asked again.
-        key = identity.client_id_folded
+        key = object_id_key(identity)
         if key not in self.object_ids:
             if len(self.object_ids) >= MAX_OBJECT_IDS:
                 self.object_ids.clear()  # far above any cluster's identity count: a bound, not a policy

@@ -2,7 +2,7 @@
 
 A token is asked for one pod of this node that NMI knows, bound to it by name and uid (as the
 kubelet's projected tokens are), for the audience Azure AD's federation expects, with about an
-hour of life. It is reused until most of that life is spent and forgotten when the pod goes, so a
+hour of life. It is reused until most of that life is spent (and never for a pod that went), so a
 pod's first federated token costs one TokenRequest and its later ones none. Neither the token nor
 any part of it is ever logged.
 """
@@ -44,21 +44,28 @@ class ServiceAccountTokens:
         client: Callable[[], KubeClient | None],
         *,
         live: Callable[[Pod], bool],
+        pod_of: Callable[[str, str], Pod | None] = lambda namespace, account: None,
         errors: Callable[[], None] | None = None,  # counts a failed TokenRequest
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._client = client
         self._live = live
+        self._pod_of = pod_of
         self._clock = clock
         self._errors = errors
         self._held: dict[tuple[str, str], _Held] = {}
         self._flights: dict[tuple[str, str, str], asyncio.Task[_Held]] = {}
 
     async def for_request(self, request: TokenRequest, deadline: float) -> str:
-        """The ``AssertionProvider`` of the MSAL source: the token of the request's pod."""
+        """The ``AssertionProvider`` of the MSAL source: a token of the request's service account,
+        for the request's pod, or (a background refresh after that pod went) another live pod of the
+        same account on this node."""
         pod = request.pod
+        if pod is not None and not self._live(pod):
+            namespace, _, account = request.service_account.partition("/")
+            pod = self._pod_of(namespace, account)
         if pod is None:
-            raise UpstreamUnavailable("no pod to ask a service-account token for")
+            raise UpstreamUnavailable("no pod of this service account runs on this node any more")
         return await self.token(pod, deadline=deadline)
 
     async def token(self, pod: Pod, *, deadline: float) -> str:
@@ -92,11 +99,9 @@ class ServiceAccountTokens:
         return held.token
 
     def _prune(self) -> None:
-        """Tokens of pods that are gone (deleted, or replaced by a pod of the same name)."""
+        """Tokens no longer worth reusing; a gone pod's token is never handed out again anyway (its
+        uid no longer matches any live pod), and leaves here once it is stale."""
         self._held = {k: h for k, h in self._held.items() if self._clock() < h.reuse_until}
-
-    def forget(self, pod: Pod) -> None:
-        self._held.pop((pod.namespace, pod.name), None)
 
     async def _request(self, pod: Pod) -> _Held:
         client = self._client()

@@ -50,8 +50,20 @@ class WarmStart:
         requests: list[TokenRequest] = []
         api_version = self._settings.upstream.api_version
         for identity in allowed_identities(self._state, pod, self._settings.identity):
+            # A federated token is exchanged with this pod's own service-account token.
+            account = ""
+            if identity.type is IdentityType.FEDERATED:
+                account = f"{pod.namespace}/{pod.service_account}"
             for resource in self._cache.recent_resources(identity):
-                requests.append(TokenRequest(identity=identity, resource=resource, api_version=api_version))
+                requests.append(
+                    TokenRequest(
+                        identity=identity,
+                        resource=resource,
+                        api_version=api_version,
+                        service_account=account,
+                        pod=pod if account else None,
+                    )
+                )
                 if len(requests) >= self._max_per_pod:
                     return requests
         return requests

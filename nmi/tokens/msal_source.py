@@ -1,4 +1,5 @@
-"""Service-principal tokens (identity types 1 and 2) from Azure AD through MSAL (nmi-spec §3.5).
+"""Azure AD tokens through MSAL: service principals (identity types 1 and 2, nmi-spec §3.5) and
+federated workload identities (type 3, the pod's service-account token as the client assertion).
 
 Shape of one ``fetch``:
 
@@ -81,8 +82,6 @@ SecretReader = Callable[[str, str], Awaitable[Secret]]
 """``(namespace, name) -> Secret``; raises on any failure."""
 CredentialsChanged = Callable[[AzureIdentity], None]
 
-"""Hosts MSAL may validate through Microsoft's instance discovery; any other is a private authority."""
-
 MAX_THROTTLE_RETRIES = 3
 """When a 429 names no delay: MSAL's own default for confidential clients."""
 MAX_APPS = 1024
@@ -100,7 +99,7 @@ def resource_to_scope(resource: str) -> str:
 
 
 class MsalTokenSource:
-    """A ``TokenSource`` for service principals (identity types 1 and 2)."""
+    """A ``TokenSource`` for service principals (identity types 1 and 2) and federated identities (3)."""
 
     def __init__(
         self,
@@ -198,8 +197,9 @@ class MsalTokenSource:
                 "no tenant for this federated client: set the service account's azure.workload.identity/"
                 "tenant-id annotation, the identity's tenantID, or --federation-tenant-id"
             )
-        host = identity.ad_endpoint or self._federation.authority_host
-        authority = host.rstrip("/") + "/" + tenant
+        # Never the identity's own adEndpoint: the assertion is a pod's service-account token, and an
+        # AzureIdentity anyone may write must not choose where it is sent.
+        authority = self._federation.authority_host.rstrip("/") + "/" + tenant
         try:
             assertion = await self._assertions(request, deadline)
             # One application per client and service account; its assertion callback reads the latest token.

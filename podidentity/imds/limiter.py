@@ -16,6 +16,7 @@ Only the head of the queue ever checks the budget, so nobody overtakes a better-
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 from collections.abc import AsyncIterator, Callable, Hashable
 from contextlib import asynccontextmanager
@@ -29,10 +30,10 @@ class SlotTimeout(UpstreamUnavailable):
 
 
 RANK_MEMORY_S = 120.0
+"""How long a key's place (its first wait, its last turn) is remembered after it was last used."""
 HOLD_PLACE_S = 1.5
 """How long a key whose caller gave up keeps its turn against worse-ranked keys (SDKs ask again
 within a second or two)."""
-"""How long a key's place (its first wait, its last turn) is remembered after it was last used."""
 
 
 @dataclass(order=True, slots=True)
@@ -79,9 +80,9 @@ class UpstreamLimiter:
         self._seq = itertools.count()
         self._first_wait: dict[Hashable, float] = {}
         self._turns: dict[Hashable, tuple[int, float]] = {}
+        """Per key: how many turns lately, and when the last one was."""
         self._absent: dict[Hashable, tuple[tuple[int, float], float]] = {}
         """Keys whose caller left the queue unserved: (their rank, until when their place is kept)."""
-        """Per key: how many turns lately, and when the last one was."""
 
     @property
     def in_flight(self) -> int:
@@ -147,7 +148,14 @@ class UpstreamLimiter:
                             self._served(key, now)
                             served = True
                             return
-                        delay = self._delay() if held is None else held - now
+                        if held is not None:
+                            # Woken early if the absent key comes back (and takes the head) or
+                            # its place is otherwise settled, rather than sleeping the hold out.
+                            with contextlib.suppress(TimeoutError):
+                                async with asyncio.timeout(held - now):
+                                    await me.event.wait()
+                            continue
+                        delay = self._delay()
                         if delay is not None:
                             await asyncio.sleep(delay)
                             continue

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from nmi.resolver import Deny, Grant, Learn, PassThrough, Pending, Refusal, resolve
+from nmi.resolver import Deny, Grant, Learn, PassThrough, Pending, Refusal, object_id_key, resolve
 from nmi.selectors import IdentityQuery
 from nmi.settings import IdentitySettings
 from podidentity.model import ObjectKey, Pod, parse_object
@@ -249,13 +249,14 @@ def test_object_id_unknown_asks_to_learn_then_grants_only_the_match() -> None:
     state = two_identities()
     decision = decide(state, IdentityQuery(object_id=OID_B))
     assert isinstance(decision, Learn) and {i.name for i in decision.identities} == {"id-a", "id-b"}
-    learned = {CID_A: OID_A, CID_B: OID_B}
+    key_a, key_b = (object_id_key(parse_object(i)) for i in (ID_A, ID_B))  # type: ignore[arg-type]
+    learned = {key_a: OID_A, key_b: OID_B}
     decision = decide(state, IdentityQuery(object_id=OID_B), object_ids=learned)
     assert isinstance(decision, Grant) and decision.identity.name == "id-b"
     decision = decide(state, IdentityQuery(object_id="f" * 8), object_ids=learned)
     assert isinstance(decision, Deny) and decision.refusal is Refusal.NOT_FOUND
     # Only the identity whose object id is unknown is learned.
-    decision = decide(state, IdentityQuery(object_id=OID_B), object_ids={CID_A: OID_A})
+    decision = decide(state, IdentityQuery(object_id=OID_B), object_ids={key_a: OID_A})
     assert isinstance(decision, Learn) and [i.name for i in decision.identities] == ["id-b"]
     decision = decide(state, IdentityQuery(client_id=CID_A, object_id=OID_B), object_ids=learned)
     assert isinstance(decision, Deny) and decision.refusal is Refusal.CONFLICT
@@ -342,3 +343,26 @@ def test_type_3_identity_bound_by_a_binding_needs_no_assignment() -> None:
     for settings in (STANDARD, MANAGED):
         decision = decide(state, settings=settings)
         assert isinstance(decision, Grant) and decision.identity.name == "fed", settings
+
+
+def test_object_ids_belong_to_the_client_in_its_tenant_and_authority_not_to_its_client_id() -> None:
+    home = parse_object(identity("a", "1111", tenantID="t-home", type_=1))
+    other = parse_object(identity("b", "1111", tenantID="t-other", type_=1))
+    elsewhere = parse_object(
+        identity("c", "1111", tenantID="t-home", type_=1, adEndpoint="https://evil.example/")
+    )
+    assert len({object_id_key(i) for i in (home, other, elsewhere)}) == 3  # type: ignore[arg-type]
+
+
+def test_a_type_3_identity_of_another_namespace_never_gets_the_pods_service_account_token() -> None:
+    # Without --forceNamespaced a binding may select pods of other namespaces for MIC-assigned
+    # identities; a federated one would present the pod's own token: never across namespaces.
+    foreign = identity("evil", WI_CLIENT, ns="attacker", type_=3)
+    state = make_state(
+        pod("web", "10.0.0.5", labels={"aadpodidbinding": "web"}),
+        foreign,
+        binding("b", "evil", "web", ns="attacker"),
+    )
+    decision = decide(state, IdentityQuery(client_id=WI_CLIENT.casefold()))
+    assert not isinstance(decision, Grant)
+    assert not isinstance(decide(state), Grant)
