@@ -34,12 +34,12 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.token_load import (
-    CLIENT_ID,
     HEADERS,
     NODE,
     TOKEN_PATH,
     BenchmarkError,
     Processes,
+    bound_pod_state,
     machine_info,
     proc_memory_kib,
     wait_ready,
@@ -64,44 +64,7 @@ def flood_address(i: int) -> str:
 
 
 def cluster_state(flood_addresses: int) -> str:
-    docs = [
-        f"""\
-apiVersion: v1
-kind: Pod
-metadata: {{name: newcomer, namespace: default, uid: 5d4c0a52-00b0-4c1e-9d1e-0000000000c0,
-  labels: {{aadpodidbinding: bench}}}}
-spec: {{nodeName: {NODE}}}
-status: {{phase: Running, podIP: {NEWCOMER}}}
----
-apiVersion: aadpodidentity.k8s.io/v1
-kind: AzureIdentity
-metadata: {{name: bench-identity, namespace: default}}
-spec:
-  type: 0
-  clientID: {CLIENT_ID}
-  resourceID: /subscriptions/00000000-0000-0000-0000-000000000000/resourcegroups/bench/providers/Microsoft.ManagedIdentity/userAssignedIdentities/bench-identity
----
-apiVersion: aadpodidentity.k8s.io/v1
-kind: AzureIdentityBinding
-metadata: {{name: bench-binding, namespace: default}}
-spec: {{azureIdentity: bench-identity, selector: bench}}
----
-apiVersion: aadpodidentity.k8s.io/v1
-kind: AzureAssignedIdentity
-metadata: {{name: newcomer-bench-identity, namespace: default, labels: {{nodename: {NODE}}}}}
-spec:
-  pod: newcomer
-  podNamespace: default
-  nodename: {NODE}
-  azureIdentityRef:
-    metadata: {{name: bench-identity, namespace: default}}
-    spec:
-      type: 0
-      clientID: {CLIENT_ID}
-      resourceID: /subscriptions/00000000-0000-0000-0000-000000000000/resourcegroups/bench/providers/Microsoft.ManagedIdentity/userAssignedIdentities/bench-identity
-status: {{status: Assigned}}
-"""  # noqa: E501
-    ]
+    docs = [bound_pod_state("newcomer", "5d4c0a52-00b0-4c1e-9d1e-0000000000c0", NEWCOMER)]
     for i in range(flood_addresses):
         docs.append(
             f"""\

@@ -54,15 +54,16 @@ WRK_MARGIN_S = 30.0
 """Added to a wrk run's duration for its hard timeout (connect, warm-up, report)."""
 STOP_TIMEOUT_S = 5.0
 
-# wrk connects from 127.0.0.1, and NMI names the caller by source address: the benchmark's pod is
-# at 127.0.0.1 on this node, bound to one user-assigned identity (shapes from examples/).
-CLUSTER_STATE = f"""\
+
+def bound_pod_state(pod: str, uid: str, ip: str) -> str:
+    """One running pod at ``ip`` on ``NODE``, bound to one user-assigned identity and assigned it."""
+    return f"""\
 apiVersion: v1
 kind: Pod
-metadata: {{name: bench, namespace: default, uid: 5d4c0a52-00b0-4c1e-9d1e-0000000000b0,
+metadata: {{name: {pod}, namespace: default, uid: {uid},
   labels: {{aadpodidbinding: bench}}}}
 spec: {{nodeName: {NODE}}}
-status: {{phase: Running, podIP: {HOST}}}
+status: {{phase: Running, podIP: {ip}}}
 ---
 apiVersion: aadpodidentity.k8s.io/v1
 kind: AzureIdentity
@@ -79,9 +80,9 @@ spec: {{azureIdentity: bench-identity, selector: bench}}
 ---
 apiVersion: aadpodidentity.k8s.io/v1
 kind: AzureAssignedIdentity
-metadata: {{name: bench-default-bench-identity, namespace: default, labels: {{nodename: {NODE}}}}}
+metadata: {{name: {pod}-bench-identity, namespace: default, labels: {{nodename: {NODE}}}}}
 spec:
-  pod: bench
+  pod: {pod}
   podNamespace: default
   nodename: {NODE}
   azureIdentityRef:
@@ -92,6 +93,11 @@ spec:
       resourceID: /subscriptions/00000000-0000-0000-0000-000000000000/resourcegroups/bench/providers/Microsoft.ManagedIdentity/userAssignedIdentities/bench-identity
 status: {{status: Assigned}}
 """  # noqa: E501
+
+
+# wrk connects from 127.0.0.1, and NMI names the caller by source address: the benchmark's pod is
+# at 127.0.0.1 on this node, bound to one user-assigned identity (shapes from examples/).
+CLUSTER_STATE = bound_pod_state("bench", "5d4c0a52-00b0-4c1e-9d1e-0000000000b0", HOST)
 
 
 class BenchmarkError(Exception):
