@@ -143,9 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="0 user-assigned managed identity (default), 1 service principal with secret, "
-        "2 service principal with certificate",
+        "2 service principal with certificate, "
+        "3 federated workload identity (the pods' service-account tokens)",
     )
-    add.add_argument("--tenant-id", help="tenant of the service principal (types 1 and 2)")
+    add.add_argument(
+        "--tenant-id", help="tenant of a service principal (types 1, 2); optional for a federated one (3)"
+    )
     add.add_argument(
         "--client-password-secret",
         metavar="[NAMESPACE/]NAME",
