@@ -96,9 +96,17 @@ class Run:
     socket_errors: int
     nmi_cpu_pct: float
     """NMI's user + system CPU over the run's wall time, in % of one core."""
+    steal_pct: float = 0.0
+    """CPU time the hypervisor stole during the run, in % of all CPUs' time (a noisy neighbour)."""
     chain_packets: int | None = None
     """Routed mode: packets that went through the raw-table anti-spoofing chain during the run."""
     raw: str = field(default="", repr=False)
+
+
+def steal_ticks() -> tuple[int, int]:
+    """(steal, total) clock ticks of all CPUs so far (``/proc/stat``): time the hypervisor took."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return (values[7] if len(values) > 7 else 0), sum(values[:8])
 
 
 def pin_process(pid: int, cpu: int) -> None:
@@ -115,7 +123,7 @@ def wrk(
     pin = ["taskset", "-c", str(cpu)] if cpu is not None else []
     argv = [*pin, "wrk", "-t1", f"-c{connections}", f"-d{duration_s}s", "--latency", "--timeout", "2s"]
     argv += ["-H", "Metadata: true", URL]
-    cpu_before, wall_before = cpu_seconds(nmi_pid), time.monotonic()
+    cpu_before, wall_before, steal_before = cpu_seconds(nmi_pid), time.monotonic(), steal_ticks()
     try:
         done = subprocess.run(
             Node.wrap(netns, argv),
@@ -130,9 +138,12 @@ def wrk(
             f"wrk in {netns} did not finish within {duration_s + WRK_MARGIN_S:.0f}s"
         ) from exc
     cpu_pct = 100.0 * (cpu_seconds(nmi_pid) - cpu_before) / (time.monotonic() - wall_before)
+    steal_after = steal_ticks()
+    ticks = steal_after[1] - steal_before[1]
+    steal_pct = round(100.0 * (steal_after[0] - steal_before[0]) / ticks, 1) if ticks else 0.0
     if done.returncode != 0:
         raise BenchmarkError(f"wrk in {netns} failed ({done.returncode}): {done.stderr.strip()}")
-    return parse_wrk(done.stdout), round(cpu_pct, 1), done.stdout
+    return {**parse_wrk(done.stdout), "steal_pct": steal_pct}, round(cpu_pct, 1), done.stdout
 
 
 # --- the node's state ---------------------------------------------------------------------------------
@@ -259,9 +270,14 @@ def one_side(
 ) -> tuple[list[Run], dict[str, Any]]:
     extra = nmi_args(topology, side, cni_dir)
     sandbox.stop_nmi()
+    started = time.monotonic()
     sandbox.start_nmi(extra, ready_timeout=READY_TIMEOUT_S)
     detail = check_mode(sandbox, topology, side)
     warm(sandbox)
+    ready_s = time.monotonic() - started
+    # The same quiet time after every start: a side that reaches wrk sooner after NMI's start (the
+    # bridge mode waits for its pins, off does not) would otherwise meet more of NMI's start-up work.
+    time.sleep(args.settle)
     netns = sandbox.pod(POD).netns
     assert netns is not None
     pid = nmi_pid(sandbox)
@@ -293,6 +309,7 @@ def one_side(
         "side": side,
         "round": round_no,
         "antispoofing": detail,
+        "start_to_warm_s": round(ready_s, 2),
         "cache": cache,
     }
 
@@ -395,14 +412,15 @@ def summarise(runs: list[Run], topology: str, args: argparse.Namespace) -> dict[
 
 def runs_table(runs: list[Run]) -> list[str]:
     lines = [
-        "| topology | mode | round | conns | req/s | p50 ms | p99 ms | NMI CPU | chain packets | non-2xx |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| topology | mode | round | conns | req/s | p50 ms | p99 ms | NMI CPU | steal | chain packets "
+        "| non-2xx |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in runs:
         packets = "-" if r.chain_packets is None else f"{r.chain_packets:,}"
         lines.append(
             f"| {r.topology} | {r.mode} | {r.round} | {r.connections} | {r.rps:,.0f} | {r.p50_ms:.3f} "
-            f"| {r.p99_ms:.3f} | {r.nmi_cpu_pct:.0f}% | {packets} | {r.non_2xx} |"
+            f"| {r.p99_ms:.3f} | {r.nmi_cpu_pct:.0f}% | {r.steal_pct:.0f}% | {packets} | {r.non_2xx} |"
         )
     return lines
 
@@ -439,7 +457,8 @@ def report_markdown(doc: dict[str, Any], runs: list[Run], args: argparse.Namespa
         f"- pod `{POD}` calls `{URL}` with `Metadata: true` through the node's interception "
         f"(DNAT to NMI), token cached: `wrk -t1 -c{args.connections} -d{args.duration}s --latency`"
         + (f" and `-c1 -d{args.c1_duration}s`" if args.c1_duration else "")
-        + f" run in the pod's network namespace; NMI restarted per run, alternating off / on, "
+        + f" run in the pod's network namespace; NMI restarted per run (then warmed, then {args.settle:g} s "
+        "of quiet), alternating off / on, "
         f"{args.rounds} rounds per topology. wrk, NMI and the kernel's forwarding share the machine's cores.",
         "- off = `--anti-spoofing=off`; on = `--anti-spoofing=routed` on the routed node (raw-table "
         "rpfilter rule), `--anti-spoofing=bridge` on the bridged node (nftables bridge table, ports pinned "
@@ -455,11 +474,14 @@ def report_markdown(doc: dict[str, Any], runs: list[Run], args: argparse.Namespa
         "",
         *summary_table(summaries, args),
         "",
-        "Paired ratios per round (on / off, req/s; p50; p99):",
+        "Paired ratios (on / off of the same round, full connection count): req/s / p50 / p99:",
         "",
     ]
     for topology, s in summaries.items():
-        pairs = ", ".join(f"{p['rps']:.3f}; {p['p50_ms']:.3f}; {p['p99_ms']:.3f}" for p in s["paired_ratios"])
+        pairs = "; ".join(
+            f"r{p['round']} {p['rps']:.2f} / {p['p50_ms']:.2f} / {p['p99_ms']:.2f}"
+            for p in s["paired_ratios"]
+        )
         lines.append(f"- {topology}: {pairs}")
     checks = doc["checks"]
     lines += [
@@ -472,7 +494,8 @@ def report_markdown(doc: dict[str, Any], runs: list[Run], args: argparse.Namespa
         "",
         *runs_table(runs),
         "",
-        "NMI CPU is NMI's user + system time over the run's wall time (100% = one core). Chain packets: "
+        "NMI CPU is NMI's user + system time over the run's wall time (100% = one core). Steal: CPU time "
+        "the hypervisor gave to other guests during the run, in % of all CPUs' time. Chain packets: "
         "packets that entered the routed mode's raw-table chain during the run (the jump's counter: "
         "every packet of the flows, not only SYNs, since the raw table comes before conntrack).",
         "",
@@ -540,6 +563,7 @@ def run(args: argparse.Namespace) -> int:
             "duration_s": args.duration,
             "connections": args.connections,
             "c1_duration_s": args.c1_duration,
+            "settle_s": args.settle,
             "pinned_cpus": {"nmi": args.pin[0], "wrk": args.pin[1]} if args.pin else None,
             "topologies": args.topology,
             "pod": POD,
@@ -596,6 +620,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=sorted(PROTECTING_MODE),
         default=["routed", "bridge"],
         help="topologies to measure, in this order (default routed bridge)",
+    )
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=2.0,
+        help="seconds between warm-up and wrk after each start (default 2)",
     )
     parser.add_argument(
         "--no-pin",
