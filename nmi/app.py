@@ -115,7 +115,8 @@ class App:
         kube = self._kube
         reader = kube.secrets.get_secret if kube is not None else self._secret_from_state
         assertions = None
-        if kube is not None:
+        federated = self.settings.identity.workload_identity
+        if kube is not None and federated:
             from nmi.service_accounts import ServiceAccountTokens
 
             errors = self.metrics.kube_errors.labels("create_serviceaccount_token")
@@ -141,7 +142,8 @@ class App:
         )
         sources[IdentityType.SERVICE_PRINCIPAL] = self._msal
         sources[IdentityType.SERVICE_PRINCIPAL_CERTIFICATE] = self._msal
-        sources[IdentityType.FEDERATED] = self._msal
+        if federated:
+            sources[IdentityType.FEDERATED] = self._msal
         return sources
 
     def _live_pod_of(self, namespace: str, account: str) -> Pod | None:

@@ -60,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
         False,
         "a pod with several identities that names none gets IMDS's 400 instead of the default one",
     )
+    flag(
+        g,
+        "--enable-workload-identity",
+        True,
+        "serve federated identities: watch ServiceAccounts and request their tokens (needs that RBAC)",
+    )
     g.add_argument(
         "--federation-authority-host",
         default=os.environ.get("AZURE_AUTHORITY_HOST") or IdentitySettings().federation_authority_host,
@@ -190,6 +196,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
             pod_wait_timeout_s=args.pod_wait_timeout,
             identity_wait_timeout_s=identity_wait(args),
             reject_ambiguous_identity=args.reject_ambiguous_identity,
+            workload_identity=args.enable_workload_identity,
             federation_authority_host=args.federation_authority_host,
             federation_tenant_id=args.federation_tenant_id,
             mic_namespace=args.MICNamespace,

@@ -283,6 +283,9 @@ class TokenService:
         identity = request.identity
         source = self._sources.get(identity.type) if identity is not None else None
         if source is None:
+            if identity is not None and identity.type is IdentityType.FEDERATED:
+                # Final, not 503: no retry makes it work until the operator turns it on.
+                raise BadRequest("workload identity is off on this node (--enable-workload-identity=false)")
             kind = identity.type if identity is not None else "node"
             raise UpstreamUnavailable(f"identity type {kind} is not supported on this node")
         try:

@@ -46,6 +46,9 @@ class IdentitySettings:
     """How long a request from an address not yet in the pod cache waits for the watch."""
     identity_wait_timeout_s: float = 15.0
     """How long a request waits for an identity to become ``Assigned`` (standard mode)."""
+    workload_identity: bool = True
+    """Serve federated identities (type 3, and pods following workload identity's conventions):
+    watch ServiceAccounts and ask for their tokens. Off: neither, and RBAC may drop both."""
     federation_authority_host: str = "https://login.microsoftonline.com/"
     """Azure AD for federated (workload) identities: ``--federation-authority-host`` or
     ``AZURE_AUTHORITY_HOST``, as the workload-identity webhook injects it."""

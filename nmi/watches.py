@@ -56,8 +56,9 @@ def watched_resources(settings: Settings) -> list[Resource]:
         selector = f"nodename={node}" if settings.cluster.enable_scale_features else ""
         resources.append(Resource(KIND_OF[AzureAssignedIdentity], label_selector=selector))
     resources.append(Resource(KIND_OF[AzurePodIdentityException]))
-    # Workload identity: which client a service account is federated with (its annotations).
-    resources.append(Resource(KIND_OF[ServiceAccount]))
+    if settings.identity.workload_identity:
+        # Which client a service account is federated with (its annotations).
+        resources.append(Resource(KIND_OF[ServiceAccount]))
     return resources
 
 

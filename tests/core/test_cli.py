@@ -17,6 +17,11 @@ def test_pflag_style_booleans() -> None:
     assert not s.identity.metadata_header_required and s.identity.force_namespaced and not s.iptables.manage
 
 
+def test_workload_identity_is_on_unless_turned_off() -> None:
+    assert parse(["--node", "n1"]).identity.workload_identity
+    assert not parse(["--node", "n1", "--enable-workload-identity=false"]).identity.workload_identity
+
+
 def test_managed_mode_is_namespaced_and_case_insensitive() -> None:
     s = parse(["--node=n1", "--operation-mode=MANAGED"])
     assert s.identity.operation_mode == "managed" and s.identity.force_namespaced

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -74,6 +75,12 @@ def apps_pod(name: str, ip: str, sa: str, labels: dict[str, str] | None = None) 
 
 @pytest.fixture
 async def federation(tmp_path: Path) -> AsyncIterator[Federation]:
+    async with started(tmp_path) as running:
+        yield running
+
+
+@contextlib.asynccontextmanager
+async def started(tmp_path: Path, *, workload_identity: bool = True) -> AsyncIterator[Federation]:
     api = FakeApiServer(tls=True, token="t0ken", bookmark_interval_s=0.1)
     await api.start()
     assert api.ca_pem is not None
@@ -121,6 +128,7 @@ async def federation(tmp_path: Path) -> AsyncIterator[Federation]:
             identity_wait_timeout_s=1.0,
             federation_authority_host=aad.url,
             federation_tenant_id=TENANT,
+            workload_identity=workload_identity,
         ),
         observability=ObservabilitySettings(
             prometheus_port=0, probe_port=0, probe_address="127.0.0.1", metrics_address="127.0.0.1"
@@ -223,3 +231,20 @@ async def test_a_hundred_pods_at_once_cost_one_exchange_per_service_account_and_
     assert len({r.json()["access_token"] for r in replies}) == 1
     # Single flight per (client, service account, resource): one TokenRequest and one Azure AD call.
     assert len(federation.api.issued_tokens) == 1 and len(federation.aad.calls) == 1
+
+
+async def test_with_workload_identity_off_no_account_is_watched_or_asked_for_and_type_3_is_final(
+    tmp_path: Path,
+) -> None:
+    async with started(tmp_path, workload_identity=False) as off:
+        bound = await off.get(BOUND_IP)
+        assert bound.status == 400, bound.body
+        assert "--enable-workload-identity=false" in bound.json()["error_description"]
+        # A pod following workload identity's conventions is just a pod without a binding.
+        labelled = await off.get(WEB_IP)
+        assert labelled.status == 400 and labelled.json()["error_description"].startswith(
+            "Identity not found"
+        )
+        assert not off.api.issued_tokens and not off.aad.calls
+        resources = {r.resource for r in off.api.requests}
+        assert "pods" in resources and not {"serviceaccounts", "serviceaccounts/token"} & resources
