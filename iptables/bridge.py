@@ -31,7 +31,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,8 +82,11 @@ def parse_cache(data: str | bytes, *, bridges: Iterable[str] = ()) -> PortPin | 
     result = doc.get("result")
     if not isinstance(result, dict):
         return None
-    interfaces = [i for i in result.get("interfaces") or [] if isinstance(i, dict)]
-    ips = [i for i in result.get("ips") or [] if isinstance(i, dict)]
+    listed_interfaces, listed_ips = result.get("interfaces"), result.get("ips")
+    if not isinstance(listed_interfaces, list) or not isinstance(listed_ips, list):
+        return None
+    interfaces = [i for i in listed_interfaces if isinstance(i, dict)]
+    ips = [i for i in listed_ips if isinstance(i, dict)]
     bridge_names = set(bridges)
     for entry in ips:
         address = str(entry.get("address", "")).split("/")[0]
@@ -141,6 +144,8 @@ def render(
     macs = _elements(f'"{p.port}" . {p.mac}' for p in pinned)
     arps = _elements(f'"{p.port}" . {p.mac} . {p.ip}' for p in pinned)
     ips = _elements(f'"{p.port}" . {p.ip}' for p in pinned)
+    owned_ips = _elements(p.ip for p in pinned)
+    owned_macs = _elements(p.mac for p in pinned)
     meta = f"ip daddr {ipaddress.IPv4Address(metadata_ip)} tcp dport {int(metadata_port)}"
     lines = [
         f"table {FAMILY} {TABLE} {{",
@@ -152,10 +157,19 @@ def render(
         f"  set macs {{ type ifname . ether_addr{macs}; }}",
         f"  set arps {{ type ifname . ether_addr . ipv4_addr{arps}; }}",
         f"  set ips {{ type ifname . ipv4_addr{ips}; }}",
+        f"  set owned_ips {{ type ipv4_addr{owned_ips}; }}",
+        f"  set owned_macs {{ type ether_addr{owned_macs}; }}",
         "  chain prerouting {",
         "    type filter hook prerouting priority -300; policy accept;",
         '    iifname @optout counter accept comment "opted-out"',
+        # A VLAN tag (even ID 0, a priority tag the kernel strips before ARP sees it) hides the
+        # inner EtherType from the rules below: pods have no business sending tagged frames.
+        '    ether type { 8021q, 8021ad } counter drop comment "vlan"',
         '    iifname @pinned iifname . ether saddr != @macs counter drop comment "mac"',
+        # A port not pinned yet (a pod younger than the last poll) must not claim a pinned pod's
+        # MAC or IP meanwhile: it could poison the node's entry before its own pin exists.
+        '    iifname != @pinned ether saddr @owned_macs counter drop comment "mac-unpinned"',
+        '    iifname != @pinned arp saddr ip @owned_ips counter drop comment "arp-unpinned"',
         "    iifname @pinned ether type arp iifname . arp saddr ether . arp saddr ip != @arps"
         ' counter drop comment "arp"',
         f'    {meta} iifname != @pinned counter drop comment "unpinned"',
@@ -272,7 +286,12 @@ class BridgePinner:
                 data = (self.cache_dir / name).read_bytes()
             except OSError:
                 continue
-            self._files[name] = _Entry(stamp, parse_cache(data, bridges=self._bridges or ()))
+            try:
+                pin = parse_cache(data, bridges=self._bridges or ())
+            except Exception:  # a malformed file of any shape is no pin, never a stopped pinner
+                self._log.warning("unreadable CNI cache file %s: not pinned", name, exc_info=True)
+                pin = None
+            self._files[name] = _Entry(stamp, pin)
             changed.add(name)
         return bool(changed)
 
@@ -325,7 +344,7 @@ class BridgePinner:
                     len(pins),
                     self.last_install_s * 1000,
                 )
-            except (IptablesError, OSError, ValueError) as exc:
+            except Exception as exc:  # the pinner must outlive any one failure: report, retry
                 self.healthy, self.last_error = False, f"{type(exc).__name__}: {exc}"
                 self._log.warning("bridge anti-spoofing reconcile failed: %s", self.last_error)
                 return False
@@ -418,10 +437,13 @@ def replace_neighbours(pins: Sequence[PortPin], *, netns: str | None = None) -> 
     return done
 
 
-def opted_out_ips(pods: Iterable[Any]) -> list[str]:
-    """The addresses of live pods labelled ``OPT_OUT_LABEL: "true"``."""
+def opted_out_ips(pods: Iterable[Any], namespaces: Collection[str]) -> list[str]:
+    """The addresses of live pods labelled ``OPT_OUT_LABEL: "true"`` in one of ``namespaces``: the
+    operator's list, since whoever writes a pod can label it."""
     out = []
     for pod in pods:
+        if getattr(pod, "namespace", None) not in namespaces:
+            continue
         labels: Mapping[str, str] = getattr(pod, "labels", {}) or {}
         if getattr(pod, "live", True) and labels.get(OPT_OUT_LABEL, "").casefold() == "true":
             out.append(str(pod.ip))

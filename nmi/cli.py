@@ -121,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
         "MAC and IP, from the CNI result cache; opt-in), off",
     )
     g.add_argument(
+        "--anti-spoofing-opt-out-namespaces",
+        default="",
+        metavar="NS[,NS...]",
+        help="namespaces whose pods may opt out of the bridge pins with the label "
+        "nmi.aadpodidentity.k8s.io/allow-extra-addresses=true (default: none)",
+    )
+    g.add_argument(
         "--cni-cache-dir",
         default="/var/lib/cni/results",
         help="the container runtime's CNI result cache (libcni cniCacheV1 files), read by "
@@ -227,6 +234,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
             host_network_exempt_cgroups=tuple(args.host_network_exempt_cgroup),
             anti_spoofing=args.anti_spoofing,
             cni_cache_dir=args.cni_cache_dir,
+            anti_spoofing_opt_out_namespaces=frozenset(
+                ns.strip() for ns in args.anti_spoofing_opt_out_namespaces.split(",") if ns.strip()
+            ),
         ),
     )
 

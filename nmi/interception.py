@@ -73,11 +73,17 @@ class Interception:
         """``--anti-spoofing=bridge``: the nftables table pinning each pod's bridge port."""
 
     def checks(self) -> list[Check]:
-        """Extra readiness checks: the anti-spoofing report, which never fails (detail only)."""
+        """Extra readiness checks: the anti-spoofing report, failing only while an asked-for bridge
+        table is not in place yet."""
         anti = self.anti_spoofing
         if anti is None:
             return []
-        return [Check("antispoofing", lambda: True, anti.detail, True)]
+        bridge = self.bridge
+        if bridge is None:
+            return [Check("antispoofing", lambda: True, anti.detail, True)]
+        # Bridge mode is asked for explicitly: until its table is in place nothing is pinned, and a
+        # ready node would be serving a node that is open to spoofing.
+        return [Check("antispoofing", bridge.installed.is_set, anti.detail, True)]
 
     @property
     def healthy(self) -> bool:
@@ -184,7 +190,7 @@ def bridge_pinner(
     ``--ipt-update-interval-sec``, the CNI cache polled every 0.5 s."""
     pinner = BridgePinner(
         settings.iptables.cni_cache_dir,
-        opted_out=lambda: opted_out_ips(state.all(Pod)),
+        opted_out=lambda: opted_out_ips(state.all(Pod), settings.iptables.anti_spoofing_opt_out_namespaces),
         metadata_ip=spec.metadata_ip,
         metadata_port=spec.metadata_port,
         check_interval_s=settings.iptables.update_interval_s,

@@ -106,6 +106,8 @@ class IptablesSettings:
     anti_spoofing: AntiSpoofingMode = "auto"
     """``--anti-spoofing``: stop pods forging another pod's address toward IMDS (docs/security.md)."""
     cni_cache_dir: str = "/var/lib/cni/results"
+    anti_spoofing_opt_out_namespaces: frozenset[str] = frozenset()
+    """Namespaces whose pods may opt out of the bridge pins by label; none unless the operator says."""
     """``--cni-cache-dir``: the runtime's CNI result cache, the bridged mode's only source of pod facts."""
 
 

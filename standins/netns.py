@@ -782,14 +782,18 @@ def _spoof_syn_main(argv: Sequence[str]) -> None:
     print(json.dumps({"sent": args.count}), flush=True)
 
 
-def arp_frame(sender_mac: str, sender_ip: str, target_ip: str, *, op: int = 2) -> bytes:
-    """A broadcast (gratuitous) ARP frame: ``sender_ip is-at sender_mac``, to ``target_ip``."""
+def arp_frame(
+    sender_mac: str, sender_ip: str, target_ip: str, *, op: int = 2, vlan: int | None = None
+) -> bytes:
+    """A broadcast (gratuitous) ARP frame: ``sender_ip is-at sender_mac``, to ``target_ip``;
+    with ``vlan``, 802.1Q-tagged (ID 0 is a priority tag: the receiver strips it, keeps the ARP)."""
     import struct
 
     mac = bytes.fromhex(sender_mac.replace(":", ""))
     sip, tip = ipaddress.IPv4Address(sender_ip).packed, ipaddress.IPv4Address(target_ip).packed
     broadcast = b"\xff" * 6
-    ethernet = broadcast + mac + struct.pack("!H", 0x0806)
+    tag = b"" if vlan is None else struct.pack("!HH", 0x8100, vlan & 0x0FFF)
+    ethernet = broadcast + mac + tag + struct.pack("!H", 0x0806)
     target_mac = broadcast if op == 2 else b"\0" * 6
     arp = struct.pack("!HHBBH", 1, 0x0800, 6, 4, op) + mac + sip + target_mac + tip
     return ethernet + arp
@@ -804,9 +808,10 @@ def _garp_main(argv: Sequence[str]) -> None:
     parser.add_argument("--target", help="the target address (default: the claimed one)")
     parser.add_argument("--dev", default="eth0")
     parser.add_argument("--count", type=int, default=1)
+    parser.add_argument("--vlan", type=int, default=None, help="802.1Q-tag the frame with this ID")
     args = parser.parse_args(argv)
     mac = Path(f"/sys/class/net/{args.dev}/address").read_text().strip()
-    frame = arp_frame(mac, args.ip, args.target or args.ip)
+    frame = arp_frame(mac, args.ip, args.target or args.ip, vlan=args.vlan)
     with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as raw:
         raw.bind((args.dev, 0))
         for _ in range(args.count):

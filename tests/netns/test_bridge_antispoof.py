@@ -108,13 +108,34 @@ def test_the_table_is_replaced_whole_and_pins_mac_arp_and_metadata_source() -> N
     assert counters(listing) == {"metadata": 3, "arp": 0}
 
 
-def test_opt_out_is_by_label_on_live_pods() -> None:
+def test_opt_out_is_by_label_on_live_pods_in_the_operators_namespaces_only() -> None:
     label = {"nmi.aadpodidentity.k8s.io/allow-extra-addresses": "true"}
     pods = [
-        Pod("default", "vrrp", "u1", "10.244.0.7", "Running", label, "node"),
-        Pod("default", "web", "u2", "10.244.0.8", "Running", {}, "node"),
+        Pod("infra", "vrrp", "u1", "10.244.0.7", "Running", label, "node"),
+        Pod("infra", "web", "u2", "10.244.0.8", "Running", {}, "node"),
+        # Whoever writes a pod can label it: outside the operator's list the label is ignored.
+        Pod("apps", "attacker", "u3", "10.244.0.9", "Running", label, "node"),
     ]
-    assert opted_out_ips(pods) == ["10.244.0.7"]
+    assert opted_out_ips(pods, {"infra"}) == ["10.244.0.7"]
+    assert opted_out_ips(pods, frozenset()) == []
+
+
+def test_tagged_frames_and_unpinned_claims_of_pinned_addresses_are_dropped() -> None:
+    text = render([PortPin("veth0", "0a:00:00:00:00:01", "10.244.0.2")])
+    assert 'ether type { 8021q, 8021ad } counter drop comment "vlan"' in text
+    assert "set owned_ips { type ipv4_addr; elements = { 10.244.0.2 }; }" in text
+    assert 'iifname != @pinned arp saddr ip @owned_ips counter drop comment "arp-unpinned"' in text
+    assert 'iifname != @pinned ether saddr @owned_macs counter drop comment "mac-unpinned"' in text
+    # Only an operator-listed opt-out comes before the VLAN rule.
+    assert text.index('"opted-out"') < text.index('"vlan"') < text.index('comment "mac"')
+
+
+@pytest.mark.parametrize(
+    "result",
+    [{"interfaces": 1, "ips": []}, {"interfaces": [], "ips": True}, {"interfaces": None, "ips": None}],
+)
+def test_malformed_cache_shapes_are_no_pin(result: dict[str, object]) -> None:
+    assert parse_cache(json.dumps({"kind": CACHE_KIND, "result": result})) is None
 
 
 def test_cli_accepts_bridge_and_the_cache_dir() -> None:
@@ -122,6 +143,9 @@ def test_cli_accepts_bridge_and_the_cache_dir() -> None:
     settings = parse([*base, "--anti-spoofing=bridge", "--cni-cache-dir", "/run/cni"])
     assert settings.iptables.anti_spoofing == "bridge" and settings.iptables.cni_cache_dir == "/run/cni"
     assert parse(base).iptables.cni_cache_dir == "/var/lib/cni/results"
+    assert parse(base).iptables.anti_spoofing_opt_out_namespaces == frozenset()
+    listed = parse([*base, "--anti-spoofing-opt-out-namespaces", "infra, net-tools"]).iptables
+    assert listed.anti_spoofing_opt_out_namespaces == {"infra", "net-tools"}
 
 
 async def test_bridge_mode_wants_no_raw_rule_and_is_protected_only_once_pinned() -> None:
@@ -242,6 +266,26 @@ async def test_a_gratuitous_arp_claiming_the_victims_address_is_dropped(
         assert b.neighbour(victim.ip) == victim_mac
     else:
         assert wait_for(lambda: b.neighbour(victim.ip) == attacker_mac), "without the table the ARP poisons"
+
+
+@pytest.mark.parametrize("mode", ["bridge", "off"])
+async def test_a_priority_tagged_arp_cannot_slip_past_the_pins(
+    bed: Callable[..., Awaitable[Bed]], mode: str
+) -> None:
+    # VLAN ID 0: nft sees EtherType 0x8100, the kernel strips the tag and hands the ARP to arp_rcv.
+    b = await bed(pins=mode == "bridge")
+    victim, attacker = b.node.pods[:2]
+    assert (await b.get(victim.ns))["ok"]
+    victim_mac = b.node.mac_of(victim.ns, "eth0")
+    attacker_mac = b.node.mac_of(attacker.ns, "eth0")
+    await asyncio.sleep(1.1)
+    b.node.run_in(attacker.ns, [*HELPER, "garp", "--ip", victim.ip, "--count", "2", "--vlan", "0"])
+    if mode == "bridge":
+        assert wait_for(lambda: b.table().get("vlan") == 2), b.table()
+        assert b.neighbour(victim.ip) == victim_mac
+        assert (await b.get(victim.ns))["body"] == {"server": "nmi", "client": victim.ip}
+    else:
+        assert wait_for(lambda: b.neighbour(victim.ip) == attacker_mac), "a tagged ARP poisons too"
 
 
 async def test_pinning_replaces_a_poisoned_neighbour_entry(bed: Callable[..., Awaitable[Bed]]) -> None:
@@ -373,7 +417,13 @@ async def test_nmi_wiring_reports_the_pinner_and_opts_out_labelled_pods(tmp_path
     from nmi.settings import IptablesSettings, Settings
 
     (tmp_path / "kubenet-abc-eth0").write_text(BRIDGE_PLUGIN)
-    settings = Settings(iptables=IptablesSettings(anti_spoofing="bridge", cni_cache_dir=str(tmp_path)))
+    settings = Settings(
+        iptables=IptablesSettings(
+            anti_spoofing="bridge",
+            cni_cache_dir=str(tmp_path),
+            anti_spoofing_opt_out_namespaces=frozenset({"default"}),
+        )
+    )
     state = ClusterState()
     anti = AntiSpoofing("bridge", state, detect=lambda ips: Topology.BRIDGED)
     pinner = bridge_pinner(settings, anti, state, RuleSpec(target_port=2579))
