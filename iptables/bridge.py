@@ -326,29 +326,40 @@ class BridgePinner:
                     drifted = await self._drifted()
                 if text == self._installed_text and not drifted:
                     self.healthy, self.last_error = True, None
-                    return False
-                started = time.perf_counter()
-                await self._run(("nft", "-f", "-"), stdin=text)
-                self.last_install_s = time.perf_counter() - started
-                self._installed_text = text
-                self.pinned_count = len(pins)
-                self._listing = await self._list()
-                if drifted and self.installed.is_set():
-                    self.repairs += 1
-                    self._log.warning("bridge anti-spoofing table drifted and was replaced")
-                self.installs += 1
-                self.installed.set()
-                self.healthy, self.last_error = True, None
-                self._log.info(
-                    "bridge anti-spoofing: %d ports pinned (table replaced in %.1f ms)",
-                    len(pins),
-                    self.last_install_s * 1000,
-                )
+                    rewritten = False
+                else:
+                    rewritten = await self._install(text, pins, drifted=drifted)
             except Exception as exc:  # the pinner must outlive any one failure: report, retry
                 self.healthy, self.last_error = False, f"{type(exc).__name__}: {exc}"
                 self._log.warning("bridge anti-spoofing reconcile failed: %s", self.last_error)
                 return False
-        await self._fix_neighbours(pins)
+        if check:
+            # The node's entries are what an attacker writes (from a port before its pin existed, or
+            # through a hole found later): every drift check puts the pinned pods' MACs back.
+            self._neigh_done.clear()
+        if rewritten or check:
+            await self._fix_neighbours(pins)
+        return rewritten
+
+    async def _install(self, text: str, pins: list[PortPin], *, drifted: bool) -> bool:
+        """Replace the table with ``text``; the caller holds the lock."""
+        started = time.perf_counter()
+        await self._run(("nft", "-f", "-"), stdin=text)
+        self.last_install_s = time.perf_counter() - started
+        self._installed_text = text
+        self.pinned_count = len(pins)
+        self._listing = await self._list()
+        if drifted and self.installed.is_set():
+            self.repairs += 1
+            self._log.warning("bridge anti-spoofing table drifted and was replaced")
+        self.installs += 1
+        self.installed.set()
+        self.healthy, self.last_error = True, None
+        self._log.info(
+            "bridge anti-spoofing: %d ports pinned (table replaced in %.1f ms)",
+            len(pins),
+            self.last_install_s * 1000,
+        )
         return True
 
     async def _list(self) -> str | None:

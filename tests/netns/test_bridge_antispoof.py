@@ -298,6 +298,19 @@ async def test_pinning_replaces_a_poisoned_neighbour_entry(bed: Callable[..., Aw
     assert (await b.get(victim.ns))["body"] == {"server": "nmi", "client": victim.ip}
 
 
+async def test_a_drift_check_puts_back_a_neighbour_entry_poisoned_after_pinning(
+    bed: Callable[..., Awaitable[Bed]],
+) -> None:
+    b = await bed(pins=True)
+    victim, attacker = b.node.pods[:2]
+    attacker_mac = b.node.mac_of(attacker.ns, "eth0")
+    b.node.run_in(b.node.ns, ["ip", "neigh", "replace", victim.ip, "lladdr", attacker_mac, "dev", "cbr0"])
+    assert not await b.pinner.sync()  # nothing changed in the cache: a plain poll leaves it
+    assert b.neighbour(victim.ip) == attacker_mac
+    assert not await b.pinner.sync(check=True)  # the table is intact, the entry is repaired
+    assert b.neighbour(victim.ip) == b.node.mac_of(victim.ns, "eth0")
+
+
 async def test_unpinned_ports_cannot_reach_the_metadata_address_and_pins_follow_the_cache(
     bed: Callable[..., Awaitable[Bed]],
 ) -> None:
