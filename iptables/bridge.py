@@ -319,7 +319,9 @@ class BridgePinner:
             try:
                 if self._bridges is None:
                     await self._refresh_bridges()
-                self.scan()
+                # Stats every file and reads the changed ones: off the loop, as at 1,000 pods
+                # the first scan reads them all.
+                await asyncio.to_thread(self.scan)
                 text, pins = self.wanted()
                 drifted = False
                 if check or self._listing is None:

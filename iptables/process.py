@@ -38,9 +38,10 @@ async def run_command(argv: Sequence[str], *, stdin: str | None = None, timeout_
     except OSError as exc:
         raise IptablesError(f"cannot run {argv[0]}: {exc}", argv=argv) from exc
     try:
-        out, err = await asyncio.wait_for(
-            proc.communicate(None if stdin is None else stdin.encode()), timeout=timeout_s
-        )
+        # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation that arrives as
+        # the command ends, and a caller's loop (the bridge pinner's) then never stops.
+        async with asyncio.timeout(timeout_s):
+            out, err = await proc.communicate(None if stdin is None else stdin.encode())
     except TimeoutError:
         proc.kill()
         await proc.wait()
