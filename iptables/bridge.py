@@ -330,7 +330,8 @@ class BridgePinner:
                     self.healthy, self.last_error = True, None
                     rewritten = False
                 else:
-                    rewritten = await self._install(text, pins, drifted=drifted)
+                    await self._install(text, pins, drifted=drifted)
+                    rewritten = True
             except Exception as exc:  # the pinner must outlive any one failure: report, retry
                 self.healthy, self.last_error = False, f"{type(exc).__name__}: {exc}"
                 self._log.warning("bridge anti-spoofing reconcile failed: %s", self.last_error)
@@ -343,7 +344,7 @@ class BridgePinner:
             await self._fix_neighbours(pins)
         return rewritten
 
-    async def _install(self, text: str, pins: list[PortPin], *, drifted: bool) -> bool:
+    async def _install(self, text: str, pins: list[PortPin], *, drifted: bool) -> None:
         """Replace the table with ``text``; the caller holds the lock."""
         started = time.perf_counter()
         await self._run(("nft", "-f", "-"), stdin=text)
@@ -362,7 +363,6 @@ class BridgePinner:
             len(pins),
             self.last_install_s * 1000,
         )
-        return True
 
     async def _list(self) -> str | None:
         try:

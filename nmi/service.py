@@ -43,7 +43,7 @@ from podidentity.errors import (
     ServiceError,
     UpstreamUnavailable,
 )
-from podidentity.model import AzureIdentity, IdentityType, ObjectKey, Pod
+from podidentity.model import SERVICE_PRINCIPAL_TYPES, AzureIdentity, IdentityType, ObjectKey, Pod
 from podidentity.state import ClusterState
 from podidentity.tokens import Token, TokenRequest, TokenSource
 
@@ -55,7 +55,6 @@ MULTIPLE_IDENTITIES = (
 )
 MAX_OBJECT_IDS = 100_000
 DEFAULT_RETRY_AFTER_S = 2.0
-_SERVICE_PRINCIPALS = frozenset({IdentityType.SERVICE_PRINCIPAL, IdentityType.SERVICE_PRINCIPAL_CERTIFICATE})
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,7 +259,7 @@ class TokenService:
         if tenant_id:
             # IMDS has one token per request; a service principal's auxiliary tenants are asked for
             # one at a time with ?tenant_id=, instead of the original's JSON array (nmi-spec §9.14).
-            if identity.type not in _SERVICE_PRINCIPALS:
+            if identity.type not in SERVICE_PRINCIPAL_TYPES:
                 raise BadRequest("tenant_id applies only to service-principal identities")
             if tenant_id.casefold() not in {t.casefold() for t in identity.auxiliary_tenant_ids}:
                 raise BadRequest("tenant_id is not one of the identity's auxiliaryTenantIDs")

@@ -35,6 +35,12 @@ class IdentityType(IntEnum):
     """Workload identity: the pod's service-account token exchanged for an Azure AD token."""
 
 
+SERVICE_PRINCIPAL_TYPES = frozenset(
+    {IdentityType.SERVICE_PRINCIPAL, IdentityType.SERVICE_PRINCIPAL_CERTIFICATE}
+)
+"""The types with their own credential in a Secret (and auxiliary tenants)."""
+
+
 # Azure AD Workload Identity's conventions, as its webhook reads them.
 WORKLOAD_IDENTITY_LABEL = "azure.workload.identity/use"
 WORKLOAD_CLIENT_ID_ANNOTATION = "azure.workload.identity/client-id"

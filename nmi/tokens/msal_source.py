@@ -73,7 +73,7 @@ from nmi.tokens.credentials import (
 from podidentity.clouds import MICROSOFT_AUTHORITY_HOSTS
 from podidentity.errors import BadRequest, ServiceError, UpstreamRefused, UpstreamUnavailable
 from podidentity.imds.metrics import OP_AAD, OP_FEDERATED
-from podidentity.model import AzureIdentity, IdentityType, ObjectKey, Secret
+from podidentity.model import SERVICE_PRINCIPAL_TYPES, AzureIdentity, IdentityType, ObjectKey, Secret
 from podidentity.tokens import Token, TokenRequest
 
 log = logging.getLogger(__name__)
@@ -155,10 +155,7 @@ class MsalTokenSource:
         identity = request.identity
         if identity is not None and identity.type is IdentityType.FEDERATED:
             return await self._fetch_federated(request, identity, deadline)
-        if identity is None or identity.type not in (
-            IdentityType.SERVICE_PRINCIPAL,
-            IdentityType.SERVICE_PRINCIPAL_CERTIFICATE,
-        ):
+        if identity is None or identity.type not in SERVICE_PRINCIPAL_TYPES:
             kind = "none" if identity is None else str(int(identity.type))
             raise UpstreamUnavailable(
                 f"unsupported identity type {kind} for Azure AD service-principal tokens"
